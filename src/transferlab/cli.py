@@ -1,0 +1,140 @@
+"""`transferlab` command line: list | run | demo | report | bench.
+
+User errors (unknown names, bad --set values, missing data, unwritable folders) print one line
+and exit with status 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .core.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="transferlab", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    sub.add_parser("list", help="experiments and benchmarks, one line each")
+
+    r = sub.add_parser("run", help="run an experiment's arms over seeds; skips finished runs, resumes others")
+    r.add_argument("name")
+    r.add_argument("--profile", default="quick", help="quick (CPU minutes) or full (paper-scale; GPU)")
+    r.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1); default from the profile")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set lr=1e-3 --set arms=finetune,scratch")
+    r.add_argument("--out", default="results", help="results folder (default: results)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+
+    d = sub.add_parser("demo", help="every experiment's quick profile, then the report")
+    d.add_argument("--out", default="results")
+    d.add_argument("--only", action="append", default=[], help="run only these experiments")
+    d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    rep = sub.add_parser("report", help="rebuild tables, plots, report.md and report.html from results")
+    rep.add_argument("--out", default="results")
+
+    b = sub.add_parser("bench", help="time candidates against baselines measured in the same process")
+    b.add_argument("name", nargs="?", default=None)
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    return p
+
+
+def _cmd_list() -> None:
+    from .core.registry import benchmarks, experiments
+
+    print("experiments:")
+    for name, e in experiments().items():
+        print(f"  {name:28s} {e.description.splitlines()[0]}")
+    print("benchmarks:")
+    for name, b in benchmarks().items():
+        print(f"  {name:28s} {b.description}")
+
+
+def _cmd_run(a) -> None:
+    from .core.engine import Engine
+    from .core.report import write_report
+    from .core.results import check_writable, run_experiment
+
+    check_writable(Path(a.out))
+    engine = Engine(device=a.device, mixed_precision=a.mixed_precision)
+    out_dir = run_experiment(a.name, profile=a.profile, seeds=a.seeds, overrides=a.overrides, out=a.out,
+                             engine=engine)
+    if engine.is_main:
+        write_report(a.out)
+        print(f"table: {out_dir / 'table.md'}\n" + (out_dir / "table.md").read_text())
+
+
+def _cmd_demo(a) -> None:
+    from .core.engine import Engine
+    from .core.registry import experiments, get_experiment
+    from .core.report import write_report
+    from .core.results import check_writable, run_experiment
+
+    check_writable(Path(a.out))
+    names = a.only or list(experiments())
+    for n in names:
+        get_experiment(n)  # fail fast on a typo before running anything
+    engine = Engine(device=a.device)
+    t0 = time.perf_counter()
+    for n in names:
+        t = time.perf_counter()
+        run_experiment(n, profile="quick", out=a.out, engine=engine)
+        engine.print0(f"[demo] {n} done in {time.perf_counter() - t:.0f}s")
+    md, html = write_report(a.out)
+    engine.print0(f"[demo] all done in {time.perf_counter() - t0:.0f}s\nreport: {md}\n        {html}")
+    engine.print0(md.read_text())
+
+
+def _cmd_bench(a) -> None:
+    from .core.bench import format_comparisons
+    from .core.engine import Engine
+    from .core.registry import benchmarks, get_benchmark
+
+    engine = Engine(device=a.device)
+    names = [a.name] if a.name else list(benchmarks())
+    rows = []
+    for n in names:
+        b = get_benchmark(n)
+        print(f"[bench] {n} on {engine.device} ({engine.threads} threads) ...", flush=True)
+        rows += b.fn(str(engine.device))
+    print(format_comparisons(rows))
+    if a.json:
+        from .core.io import atomic_write_json
+
+        atomic_write_json(a.json, [r.to_dict() for r in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "list":
+            _cmd_list()
+        elif args.cmd == "run":
+            _cmd_run(args)
+        elif args.cmd == "demo":
+            _cmd_demo(args)
+        elif args.cmd == "report":
+            from .core.report import write_report
+
+            md, html = write_report(args.out)
+            print(f"report: {md}\n        {html}")
+        elif args.cmd == "bench":
+            _cmd_bench(args)
+    except UserError as e:
+        print(f"transferlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("transferlab: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

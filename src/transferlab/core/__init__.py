@@ -1,0 +1,1 @@
+"""Shared machinery: engine (devices, seeding, checkpoints), registry, results, stats, report, bench."""

@@ -1,0 +1,126 @@
+"""Frozen-dataclass configs: help text per field, `--set key=value` overrides, stable hashing.
+
+Every config in transferlab is a frozen dataclass whose fields carry `metadata={"help": ...}`.
+`field(default, help)` is the short way to write one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from typing import Any
+
+from .errors import UserError
+
+
+def field(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with help text; mutable defaults (lists) become tuples."""
+    if isinstance(default, list):
+        default = tuple(default)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def config_help(cls) -> list[tuple[str, str, Any]]:
+    """(name, help, default) of every field, for `transferlab list --verbose` and docs."""
+    return [(f.name, f.metadata.get("help", ""), f.default) for f in dataclasses.fields(cls)]
+
+
+def _coerce(value: str, annotation, key: str):
+    """Parse a command-line string into the field's declared type."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"types": types})  # annotations are our own code
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(f"--set {key}={value!r}: cannot parse as {annotation}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise UserError(f"--set {key}={value!r}: allowed values are {', '.join(map(str, args))}")
+        return value
+    if origin in (tuple, list):
+        inner = args[0] if args else str
+        parts = [p for p in value.split(",") if p != ""]
+        return tuple(_coerce(p, inner, key) for p in parts)
+    if annotation is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"--set {key}={value!r}: expected a boolean (true/false)")
+    if annotation in (int, float):
+        try:
+            return annotation(value)
+        except ValueError:
+            raise UserError(f"--set {key}={value!r}: expected {annotation.__name__}") from None
+    if annotation is str or annotation is Any:
+        return value
+    raise UserError(f"--set {key}: fields of type {annotation} cannot be set from the command line")
+
+
+def apply_overrides(cfg, overrides: dict[str, Any] | list[str]):
+    """Return a copy of `cfg` with overrides applied.
+
+    `overrides` is a dict of already-typed values, or a list of "key=value" strings
+    (strings are parsed into each field's type). Dotted keys reach nested configs.
+    """
+    if isinstance(overrides, list):
+        parsed: dict[str, Any] = {}
+        for item in overrides:
+            if "=" not in item:
+                raise UserError(f"--set expects key=value, got {item!r}")
+            k, v = item.split("=", 1)
+            parsed[k.strip()] = _StrValue(v.strip())
+        overrides = parsed
+    for key, value in overrides.items():
+        cfg = _set_one(cfg, key.split("."), value, key)
+    return cfg
+
+
+class _StrValue(str):
+    """Marks a value that still needs parsing into the field's type."""
+
+
+def _set_one(cfg, path: list[str], value, full_key: str):
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    head = path[0]
+    if head not in names:
+        raise UserError(
+            f"unknown config key {full_key!r} for {type(cfg).__name__}; valid keys: {', '.join(sorted(names))}"
+        )
+    if len(path) > 1:
+        child = getattr(cfg, head)
+        if not dataclasses.is_dataclass(child):
+            raise UserError(f"config key {full_key!r}: {head!r} has no sub-keys")
+        return dataclasses.replace(cfg, **{head: _set_one(child, path[1:], value, full_key)})
+    if isinstance(value, _StrValue):
+        value = _coerce(str(value), hints[head], full_key)
+    elif isinstance(value, list):
+        value = tuple(value)
+    try:
+        return dataclasses.replace(cfg, **{head: value})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"invalid value for {full_key!r}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def config_hash(cfg, exclude: tuple[str, ...] = ("seeds",)) -> str:
+    """Short stable hash of a config's values (run folders are keyed by it)."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in exclude}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

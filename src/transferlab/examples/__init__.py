@@ -1,0 +1,1 @@
+"""Worked examples that exercise the whole transferlab pipeline on real data."""

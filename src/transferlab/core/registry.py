@@ -26,6 +26,7 @@ EXPERIMENT_MODULES = (
     "transferlab.examples.fmnist_transfer",
     "transferlab.emoe.experiments",
     "transferlab.emoe.bench",
+    "transferlab.emoe.bench_layer",
     "transferlab.cuber.experiments",
     "transferlab.cuber.bench",
     "transferlab.metadmoe.experiments",

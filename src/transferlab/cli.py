@@ -7,7 +7,6 @@ and exit with status 2; they never show a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

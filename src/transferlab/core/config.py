@@ -37,14 +37,13 @@ def _coerce(value: str, annotation, key: str):
     if origin in (typing.Union, types.UnionType):
         if value.lower() in ("none", "null") and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except UserError as e:
-                errors.append(str(e))
+            except UserError:
+                continue
         raise UserError(f"--set {key}={value!r}: cannot parse as {annotation}")
     if origin is typing.Literal:
         if value not in args:

@@ -1,0 +1,61 @@
+import gzip
+
+import pytest
+
+from transferlab.core.errors import DataNotFoundError
+from transferlab.data import SUPERSENSES_39, load_fashion_mnist, load_spam_assassin, load_wordnet
+from transferlab.data.wordnet import parse_data_line
+
+
+def test_fashion_mnist_vendored_subset(data_dir):
+    x, y = load_fashion_mnist("train", data_dir / "fashion-mnist")
+    assert x.shape == (2000, 28, 28) and x.dtype.is_floating_point is False
+    assert sorted(y.unique().tolist()) == list(range(10))
+    assert (y == 3).sum() == 200
+    xt, yt = load_fashion_mnist("test")  # via TRANSFERLAB_DATA set in conftest
+    assert xt.shape == (1000, 28, 28) and len(yt) == 1000
+
+
+def test_fashion_mnist_missing_names_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(DataNotFoundError, match="does not contain"):
+        load_fashion_mnist("train", tmp_path)
+    monkeypatch.setenv("TRANSFERLAB_DATA", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from transferlab.data import paths
+
+    with pytest.raises(DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        paths.find_source("fashion-mnist", None, [str(tmp_path / "nowhere")], ["train-images-idx3-ubyte.gz"],
+                          "install it with `apt-get install dataset-fashion-mnist`")
+
+
+def test_fashion_mnist_corrupt_file_is_an_error(tmp_path):
+    for name in ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]:
+        with gzip.open(tmp_path / name, "wb") as f:
+            f.write(b"\0" * (16 + 784 * 3 if "images" in name else 8 + 2))
+    with pytest.raises(ValueError, match="3 images but 2 labels"):
+        load_fashion_mnist("train", tmp_path)
+
+
+def test_wordnet_parser_on_a_real_line():
+    line = ('00003431 29 v 04 burp 0 bubble 0 belch 0 eruct 0 005 @ 00105333 v 0000 + 00117578 n 0405 '
+            '01 + 02 00 | expel gas from the stomach; "In China it is polite to burp at the table"  \n')
+    s = parse_data_line(line)
+    assert s.lexname == "verb.body" and s.pos == "v"
+    assert s.lemmas == ("burp", "bubble", "belch", "eruct")
+    assert s.definition == "expel gas from the stomach"
+    assert s.examples == ("In China it is polite to burp at the table",)
+
+
+def test_wordnet_vendored_subset_covers_39_supersenses():
+    syn = load_wordnet()
+    names = {s.lexname for s in syn}
+    assert set(SUPERSENSES_39) <= names and len(SUPERSENSES_39) == 39
+    assert "noun.Tops" not in SUPERSENSES_39
+    assert sum(bool(s.examples) for s in syn) > 500
+
+
+def test_spam_subset_labels():
+    mails = load_spam_assassin()
+    assert len(mails) == 140
+    assert sum(m.is_spam for m in mails) == 60
+    assert all(m.text for m in mails)

@@ -1,0 +1,59 @@
+import dataclasses
+import math
+from typing import Literal
+
+import pytest
+
+from transferlab.core.config import apply_overrides, config_hash, field
+from transferlab.core.errors import UserError
+from transferlab.core.stats import mean_ci, paired_diff, t_critical
+
+
+@dataclasses.dataclass(frozen=True)
+class Cfg:
+    arms: tuple[str, ...] = field(("a", "b"), "arms")
+    seeds: int = field(2, "seeds")
+    lr: float = field(1e-3, "learning rate")
+    flag: bool = field(False, "a flag")
+    mode: Literal["x", "y"] = field("x", "mode")
+    path: str | None = field(None, "optional path")
+
+
+def test_mean_ci_matches_hand_computation():
+    m, h, n = mean_ci([1.0, 2.0, 3.0])
+    # sd = 1, se = 1/sqrt(3), t(2) = 4.303
+    assert n == 3 and m == pytest.approx(2.0)
+    assert h == pytest.approx(4.303 / math.sqrt(3), rel=1e-4)
+    m1, h1, n1 = mean_ci([5.0])
+    assert m1 == 5.0 and math.isnan(h1) and n1 == 1
+
+
+def test_paired_diff_uses_common_seeds_only():
+    a = {0: 10.0, 1: 12.0, 2: 11.0}
+    b = {0: 9.0, 1: 10.0, 3: 100.0}
+    m, h, n = paired_diff(a, b)
+    assert n == 2 and m == pytest.approx(1.5)
+    assert h == pytest.approx(t_critical(1) * 0.5, rel=1e-4)  # diffs 1, 2: sd 0.707, se 0.5
+
+
+def test_overrides_parse_types():
+    cfg = apply_overrides(Cfg(), ["lr=0.1", "flag=true", "mode=y", "arms=a", "path=none", "seeds=4"])
+    assert cfg.lr == 0.1 and cfg.flag is True and cfg.mode == "y" and cfg.arms == ("a",)
+    assert cfg.path is None and cfg.seeds == 4
+
+
+@pytest.mark.parametrize("item, msg", [
+    ("nope=1", "unknown config key 'nope'"),
+    ("lr=fast", "expected float"),
+    ("flag=maybe", "expected a boolean"),
+    ("mode=z", "allowed values are x, y"),
+    ("lr", "key=value"),
+])
+def test_bad_overrides_raise_user_error(item, msg):
+    with pytest.raises(UserError, match=msg):
+        apply_overrides(Cfg(), [item])
+
+
+def test_config_hash_ignores_seeds_but_not_values():
+    assert config_hash(Cfg()) == config_hash(Cfg(seeds=9))
+    assert config_hash(Cfg()) != config_hash(Cfg(lr=0.5))

@@ -81,7 +81,10 @@ class Engine:
             raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
         from accelerate import Accelerator  # the only import of accelerate in transferlab
 
-        self.accelerator = Accelerator(cpu=(device == "cpu"), mixed_precision=mixed_precision)
+        # On a machine without CUDA, "auto" means CPU. Telling Accelerate so also lets it pick gloo
+        # for several CPU processes started by `accelerate launch --multi_gpu` or torchrun.
+        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
         self.threads = threads or default_threads(self.accelerator.state.num_processes)
         torch.set_num_threads(self.threads)
         self.run_dir: Path | None = None  # set by the runner for each (arm, seed)

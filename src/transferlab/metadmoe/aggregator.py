@@ -62,10 +62,13 @@ class Aggregator(nn.Module):
         mlp_ratio: MLP width / D (official: 2).
         dropout: dropout in attention and MLP (official: 0.1; off in eval mode).
         num_classes: adds the LayerNorm + Linear head used only for cross-entropy pre-training.
+        zero_init: [reconstructed] zero the last layer of every residual branch, so that before training the
+            teacher is exactly the plain average of the expert features (the official code uses PyTorch's
+            default init; it keeps the aggregator near its init with learning rates ~1e-6 instead).
     """
 
     def __init__(self, dim: int, depth: int = 1, heads: int = 4, mlp_ratio: float = 2.0, dropout: float = 0.1,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, zero_init: bool = True):
         super().__init__()
         if dim < 1 or depth < 1 or heads < 1:
             raise UserError(f"Aggregator needs dim, depth, heads >= 1, got dim={dim}, depth={depth}, heads={heads}")
@@ -74,6 +77,11 @@ class Aggregator(nn.Module):
                             f"{max(h for h in range(1, min(dim, 16) + 1) if dim % h == 0)}")
         self.dim = dim
         self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        if zero_init:
+            for b in self.blocks:
+                for lin in (b.attn.out, b.mlp[3]):
+                    nn.init.zeros_(lin.weight)
+                    nn.init.zeros_(lin.bias)
         self.classifier = (nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
                            if num_classes is not None else None)
 

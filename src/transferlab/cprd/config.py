@@ -1,0 +1,45 @@
+"""Configuration of the CPRD objective.
+
+Chen et al., CVPR 2024 (arXiv 2407.07479), Sec. 4 (method). The abstract fixes the structure:
+student-mined hard negatives, a partial ranking target from the cross-encoder, a contrastive
+objective, coordinated with the dual encoder's contrastive (ITC) loss. Every number below, and the
+validity rule, is **reconstructed** (the method section and hyperparameters were not available):
+they are options, with defaults chosen on our validation splits, not taken from the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.config import field
+from ..core.errors import UserError
+from .loss import VALID_RULES
+
+
+@dataclass(frozen=True)
+class CPRDConfig:
+    """CPRD loss settings (paper Sec. 4; K, tau, weight and validity rule reconstructed)."""
+
+    k: int | None = field(8, "hard negatives mined per anchor by the student (reconstructed; None = all "
+                             "negatives, the cprd_all ablation)")
+    weight: float = field(1.0, "λ: weight of the distillation term added to InfoNCE (reconstructed)")
+    tau: float | None = field(None, "student temperature inside the distillation term; None = the learnable "
+                                    "InfoNCE temperature, detached (reconstructed)")
+    valid: str = field("all", "validity rule for the partial ranking: all, top_m or threshold (reconstructed)")
+    valid_param: float | None = field(None, "m for top_m, the teacher-score threshold for threshold")
+    symmetric: bool = field(True, "distil image->text and text->image (reconstructed: ITC is symmetric)")
+    teacher_temp: float = field(1.0, "teacher temperature of the KL / ListNet baselines")
+
+    def __post_init__(self):
+        if self.k is not None and (int(self.k) != self.k or self.k < 1):
+            raise UserError(f"k must be a positive integer or None, got {self.k!r}")
+        if self.valid not in VALID_RULES:
+            raise UserError(f"valid must be one of {', '.join(VALID_RULES)}, got {self.valid!r}")
+        if self.valid in ("top_m", "threshold") and self.valid_param is None:
+            raise UserError(f"valid={self.valid!r} needs valid_param (m for top_m, the threshold for threshold)")
+        if self.tau is not None and self.tau <= 0:
+            raise UserError(f"tau must be positive, got {self.tau}")
+        if self.weight < 0:
+            raise UserError(f"weight must be >= 0, got {self.weight}")
+        if self.teacher_temp <= 0:
+            raise UserError(f"teacher_temp must be positive, got {self.teacher_temp}")

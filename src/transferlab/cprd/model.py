@@ -1,0 +1,161 @@
+"""`CPRDLoss` and the baseline objectives: symmetric InfoNCE + weight x distillation, both directions.
+
+Every objective sees the same thing: a batch similarity matrix sim [I, T] (images x texts, or
+queries' targets x queries), a positive mask, the student temperature and a *teacher*. The teacher
+is either a full score matrix [I, T] or a callable `teacher(rows, cols) -> scores` for index pairs
+(image row, text column) -- a cross-encoder costs one forward per pair, so objectives only ask for
+the pairs they use: the anchor's positive and its K student-mined negatives (A x (K+1) pairs per
+direction). Subclasses differ only in `distill(s, t, ...)`, so experiments swap one object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..core.errors import UserError
+from .config import CPRDConfig
+from .loss import (
+    infonce_loss,
+    kl_distill_loss,
+    listnet_loss,
+    margin_mse_loss,
+    mine_hard_negatives,
+    partial_ranking_nll,
+)
+
+Teacher = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | torch.Tensor
+
+
+def _pair_scorer(teacher: Teacher, transpose: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(anchor index, candidate index) -> teacher score, for either direction; never tracks gradients."""
+    if isinstance(teacher, torch.Tensor):
+        mat = teacher.detach()
+        if torch.isnan(mat).any():
+            raise UserError("teacher score matrix contains NaN; fix the teacher or mask those pairs")
+        return (lambda a, c: mat[c, a]) if transpose else (lambda a, c: mat[a, c])
+
+    def score(a, c):
+        with torch.no_grad():
+            out = teacher(c, a) if transpose else teacher(a, c)
+        out = out.detach()
+        if torch.isnan(out).any():
+            raise UserError("the teacher returned NaN scores; check it (e.g. fp16 overflow) before distilling")
+        return out
+
+    return score
+
+
+class ContrastiveDistillLoss(nn.Module):
+    """Symmetric InfoNCE plus `weight` x a distillation term on student-mined hard negatives.
+
+    With `weight=0` (or the base class itself) this is plain InfoNCE: the `infonce` arm.
+    """
+
+    needs_positive = True  # does distill() want the positive's score in column 0?
+
+    def __init__(self, config: CPRDConfig | None = None, **overrides):
+        super().__init__()
+        cfg = config or CPRDConfig()
+        if overrides:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, **overrides)
+        self.config = cfg
+
+    def distill(self, s: torch.Tensor, t: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        return s.new_zeros(())
+
+    def _direction(self, sim, pos, score, tau):
+        cfg = self.config
+        hard_idx, available = mine_hard_negatives(sim, pos, cfg.k)
+        a, kk = hard_idx.shape
+        rows = torch.arange(a, device=sim.device)[:, None].expand(a, kk)
+        cols = hard_idx
+        if self.needs_positive:
+            # the best-scoring positive of each anchor (the only one when there is one caption per image)
+            best_pos = sim.detach().masked_fill(~pos, float("-inf")).argmax(1, keepdim=True)
+            cols = torch.cat([best_pos, hard_idx], 1)
+            rows = torch.arange(a, device=sim.device)[:, None].expand_as(cols)
+            available = torch.cat([torch.ones_like(available[:, :1]), available], 1)
+        t = score(rows.reshape(-1), cols.reshape(-1)).reshape(rows.shape).to(sim.dtype)
+        s = sim.gather(1, cols) / tau
+        return self.distill(s, t, available)
+
+    def forward(self, sim: torch.Tensor, positive_mask: torch.Tensor, teacher: Teacher | None = None,
+                tau: float | torch.Tensor = 0.07, weight: float | None = None) -> dict[str, torch.Tensor]:
+        """Returns {"loss", "infonce", "distill"}; `weight` overrides the configured one (λ warm-up)."""
+        cfg = self.config
+        pos = positive_mask.bool()
+        if pos.shape != sim.shape:
+            raise UserError(f"positive_mask has shape {tuple(pos.shape)}, sim {tuple(sim.shape)}")
+        if not pos.any(1).all() or not pos.any(0).all():
+            raise UserError("every image and every text in the batch needs at least one positive")
+        nce = 0.5 * (infonce_loss(sim, pos, tau) + infonce_loss(sim.t(), pos.t(), tau))
+        w = cfg.weight if weight is None else weight
+        if type(self).distill is ContrastiveDistillLoss.distill or w == 0:
+            return {"loss": nce, "infonce": nce.detach(), "distill": nce.new_zeros(())}
+        if teacher is None:
+            raise UserError(f"{type(self).__name__} needs a teacher (score matrix or pair scorer)")
+        # Reconstructed: the distillation term uses the ITC temperature (or cfg.tau) but does not train it.
+        t_d = cfg.tau if cfg.tau is not None else (tau.detach() if torch.is_tensor(tau) else tau)
+        d = self._direction(sim, pos, _pair_scorer(teacher, False), t_d)
+        if cfg.symmetric:
+            d = 0.5 * (d + self._direction(sim.t(), pos.t(), _pair_scorer(teacher, True), t_d))
+        return {"loss": nce + w * d, "infonce": nce.detach(), "distill": d.detach()}
+
+
+class InfoNCELoss(ContrastiveDistillLoss):
+    """Symmetric InfoNCE only (the reference arm)."""
+
+
+class CPRDLoss(ContrastiveDistillLoss):
+    """InfoNCE + λ·CPRD (image->text and text->image): the paper's objective (Sec. 4, reconstructed form).
+
+    `config.k=None` distils the order of *all* negatives instead of the K hard ones (ablation of finding 2).
+    """
+
+    needs_positive = False  # the positive never enters the ranked list
+
+    def distill(self, s, t, available):
+        cfg = self.config
+        return partial_ranking_nll(s, t, valid=cfg.valid, valid_param=cfg.valid_param, available=available)
+
+
+class KLDistillLoss(ContrastiveDistillLoss):
+    """InfoNCE + λ·KL logit distillation over (positive, K mined negatives)."""
+
+    def distill(self, s, t, available):
+        t = t.masked_fill(~available, float("-inf"))
+        s = s.masked_fill(~available, -1e9)
+        return kl_distill_loss(s, t, self.config.teacher_temp)
+
+
+class ListNetDistillLoss(ContrastiveDistillLoss):
+    """InfoNCE + λ·ListNet over (positive, K mined negatives)."""
+
+    def distill(self, s, t, available):
+        t = t.masked_fill(~available, float("-inf"))
+        s = s.masked_fill(~available, -1e9)
+        return listnet_loss(s, t, self.config.teacher_temp)
+
+
+class MarginMSEDistillLoss(ContrastiveDistillLoss):
+    """InfoNCE + λ·Margin-MSE between student and teacher (positive - negative) margins."""
+
+    def distill(self, s, t, available):
+        if not available.all():
+            raise UserError("margin-MSE needs a fixed k (not k=None)")
+        return margin_mse_loss(s, t)
+
+
+LOSSES = {"infonce": InfoNCELoss, "cprd": CPRDLoss, "kl": KLDistillLoss, "listnet": ListNetDistillLoss,
+          "margin_mse": MarginMSEDistillLoss}
+
+
+def make_loss(name: str, config: CPRDConfig | None = None, **overrides) -> ContrastiveDistillLoss:
+    if name not in LOSSES:
+        raise UserError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+    return LOSSES[name](config, **overrides)

@@ -1,0 +1,160 @@
+"""Task streams on real Fashion-MNIST: permuted (GPM's PMNIST protocol), split and rotated.
+
+A `Task` holds uint8 images (shared with other tasks, not copied) and a `transform` that turns a
+batch into the model's input, so ten permuted 60k-image tasks cost one copy of the data.
+`TaskLoader` is a re-iterable of (x, y) batches in a seeded order (a pure function of seed and
+epoch), which is what the strategies' hooks take.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..core.errors import UserError
+from ..data import load_fashion_mnist
+from ..nn import batches
+
+
+@dataclass
+class Task:
+    id: int
+    name: str
+    x_train: torch.Tensor  # uint8 (N, 28, 28)
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    n_classes: int
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+
+    def loader(self, batch_size: int, seed: int | None, split: str = "train") -> TaskLoader:
+        x, y = {"train": (self.x_train, self.y_train), "test": (self.x_test, self.y_test),
+                "val": (self.x_val, self.y_val)}[split]
+        if x is None:
+            raise UserError(f"task {self.name} has no {split} split")
+        return TaskLoader(x, y, self.transform, batch_size, seed)
+
+
+class TaskLoader:
+    """Batches (transform(x[b]), y[b]); shuffled by `seed` (None = in order)."""
+
+    def __init__(self, x, y, transform, batch_size: int, seed: int | None):
+        self.x, self.y, self.transform, self.batch_size, self.seed = x, y, transform, batch_size, seed
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __iter__(self):
+        for b in batches(len(self.x), self.batch_size, seed=self.seed):
+            yield self.transform(self.x[b]), self.y[b]
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255).unsqueeze(1)
+
+
+def _subset(y: torch.Tensor, n: int | None, g: torch.Generator, classes=None) -> torch.Tensor:
+    """A seeded random subset of n indices (class-balanced when n is given), restricted to `classes`."""
+    cls = sorted(set(y.tolist())) if classes is None else list(classes)
+    per = None if n is None else n // len(cls)
+    out = []
+    for c in cls:
+        idx = (y == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        if per is not None:
+            if len(idx) < per:
+                raise UserError(f"class {c} has {len(idx)} images, fewer than the {per} per class asked for")
+            idx = idx[:per]
+        out.append(idx)
+    idx = torch.cat(out)
+    return idx[torch.randperm(len(idx), generator=g)]
+
+
+def _split_val(idx: torch.Tensor, val_frac: float) -> tuple[torch.Tensor, torch.Tensor]:
+    n_val = int(round(len(idx) * val_frac))
+    return idx[n_val:], idx[:n_val]
+
+
+def permuted_stream(n_tasks: int = 10, n_train: int | None = None, n_test: int | None = None,
+                    val_frac: float = 0.1, seed: int = 0, data_path=None) -> list[Task]:
+    """GPM's PMNIST protocol on Fashion-MNIST: every task (the first too) is a fixed pixel permutation.
+
+    Each task draws its own train subset (n_train images, None = all 60k) and holds out `val_frac`
+    of it as validation; the test set is the same images under the task's permutation.
+    """
+    x, y = load_fashion_mnist("train", data_path)
+    xt, yt = load_fashion_mnist("test", data_path)
+    tasks = []
+    for t in range(n_tasks):
+        g = torch.Generator().manual_seed(seed * 1000 + t)
+        perm = torch.randperm(784, generator=g)
+        tr, va = _split_val(_subset(y, n_train, g), val_frac)
+        te = _subset(yt, n_test, torch.Generator().manual_seed(t))
+
+        def tf(xb, perm=perm):
+            return xb.reshape(len(xb), -1)[:, perm].float().div_(255)
+
+        tasks.append(Task(t, f"perm{t}", x[tr], y[tr], xt[te], yt[te], tf, 10, x[va], y[va]))
+    return tasks
+
+
+def split_stream(classes_per_task: int = 2, n_train_per_class: int | None = None, n_test_per_class: int | None = None,
+                 val_frac: float = 0.1, seed: int = 0, data_path=None) -> list[Task]:
+    """Split Fashion-MNIST: consecutive class pairs (0,1), (2,3), ... as tasks, labels 0..k-1 (multi-head)."""
+    if 10 % classes_per_task:
+        raise UserError(f"classes_per_task must divide 10, got {classes_per_task}")
+    x, y = load_fashion_mnist("train", data_path)
+    xt, yt = load_fashion_mnist("test", data_path)
+    tasks = []
+    for t in range(10 // classes_per_task):
+        cls = list(range(t * classes_per_task, (t + 1) * classes_per_task))
+        g = torch.Generator().manual_seed(seed * 1000 + t)
+        n = None if n_train_per_class is None else n_train_per_class * classes_per_task
+        tr, va = _split_val(_subset(y, n, g, cls), val_frac)
+        nt = None if n_test_per_class is None else n_test_per_class * classes_per_task
+        te = _subset(yt, nt, torch.Generator().manual_seed(t), cls)
+        lut = torch.full((10,), -1, dtype=torch.long)
+        lut[cls] = torch.arange(classes_per_task)
+        tasks.append(Task(t, f"classes{cls}", x[tr], lut[y[tr]], xt[te], lut[yt[te]], to_float, classes_per_task,
+                          x[va], lut[y[va]]))
+    return tasks
+
+
+def rotate(xb: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate (B, 1, H, W) images about their centre (bilinear, zero fill) without torchvision."""
+    if degrees == 0:
+        return xb
+    a = math.radians(degrees)
+    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=xb.dtype)
+    grid = F.affine_grid(theta.expand(len(xb), 2, 3), list(xb.shape), align_corners=False)
+    return F.grid_sample(xb, grid, align_corners=False, padding_mode="zeros")
+
+
+def rotated_stream(n_tasks: int = 10, step_degrees: float = 8.0, n_train: int = 1000, n_test: int | None = 2000,
+                   val_frac: float = 0.1, seed: int = 0, data_path=None) -> list[Task]:
+    """Rotated Fashion-MNIST: task t = the 10-class problem rotated by t * step_degrees, few samples each.
+
+    Neighbouring tasks are strongly (positively) correlated, so learning a later task can help an
+    earlier, under-trained one: the setting where backward transfer is possible. Each task draws
+    its own training images (disjoint draws are not enforced; they overlap by chance only).
+    """
+    x, y = load_fashion_mnist("train", data_path)
+    xt, yt = load_fashion_mnist("test", data_path)
+    tasks = []
+    for t in range(n_tasks):
+        g = torch.Generator().manual_seed(seed * 1000 + t)
+        tr, va = _split_val(_subset(y, int(round(n_train / (1 - val_frac))), g), val_frac)
+        te = _subset(yt, n_test, torch.Generator().manual_seed(t))
+        deg = t * step_degrees
+
+        def tf(xb, deg=deg):
+            return rotate(to_float(xb), deg).flatten(1)
+
+        tasks.append(Task(t, f"rot{deg:g}", x[tr], y[tr], xt[te], yt[te], tf, 10, x[va], y[va]))
+    return tasks

@@ -1,0 +1,259 @@
+"""TRGP (trust regions + scaled weight projection) and CUBER (backward transfer in Regime 3).
+
+TRGP (Lin et al., ICLR 2022, Sec. 4): per task and layer it keeps the basis the task *selected*
+(old global vectors along which the task has energy, plus new residual vectors). Before a new
+task, one probe gradient g_l per layer measures ||g_l M_j M_j^T|| / ||g_l|| for every old task j;
+the top-k tasks above eps_1 get a trainable scaling matrix Q (W_eff = W + W U (Q - I) U^T),
+trained with the new task and re-inserted whenever that task is evaluated.
+
+CUBER (Lin et al., NeurIPS 2022) splits the selected ("sufficient projection") tasks by a
+positive-correlation test and, for those, lets the new task's update move inside the old task's
+subspace so the old task can improve. The exact tests are [reconstructed]; both are plain
+functions below (`projection_ratio`, `cosine_correlation`, `in_subspace_step`) and can be swapped.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.errors import UserError
+from .config import CUBERConfig, TRGPConfig
+from .memory import left_spectrum
+from .strategies import GPM, Forward, check_loader, take_samples
+
+REGIME_WEAK, REGIME_TRUST, REGIME_POSITIVE = 1, 2, 3
+
+
+def projection_ratio(g: torch.Tensor, U: torch.Tensor) -> float:
+    """||g U U^T|| / ||g|| for a (out x m) gradient and an orthonormal (m x r) basis."""
+    n = g.norm()
+    return 0.0 if n == 0 or U.shape[1] == 0 else ((g @ U).norm() / n).item()
+
+
+def cosine_correlation(g_new: torch.Tensor, g_old: torch.Tensor, U: torch.Tensor) -> float:
+    """[reconstructed] cos(P g_new, P g_old), P = projection onto span(U) (right-multiplication)."""
+    a, b = g_new @ U, g_old @ U  # coordinates in the basis: same inner products as the projections
+    d = a.norm() * b.norm()
+    return 0.0 if d == 0 else ((a * b).sum() / d).item()
+
+
+def classify(g_new: torch.Tensor, U: torch.Tensor, eps_proj: float, g_old: torch.Tensor | None = None,
+             eps_corr: float | None = None, correlation=cosine_correlation) -> tuple[int, float, float]:
+    """Regime of one (layer, old task): 1 weak projection, 2 trust region, 3 trust region + positive correlation.
+
+    Returns (regime, projection ratio, correlation); correlation is nan when not tested.
+    """
+    ratio = projection_ratio(g_new, U)
+    if ratio <= eps_proj:
+        return REGIME_WEAK, ratio, float("nan")
+    if g_old is None or eps_corr is None:
+        return REGIME_TRUST, ratio, float("nan")
+    corr = correlation(g_new, g_old, U)
+    return (REGIME_POSITIVE if corr >= eps_corr else REGIME_TRUST), ratio, corr
+
+
+def in_subspace_step(g: torch.Tensor, B: torch.Tensor, anchors: list[torch.Tensor], rule: str = "agem",
+                     scale: float = 1.0) -> torch.Tensor:
+    """[reconstructed] The part of gradient g kept inside span(B) for Regime-3 old tasks.
+
+    d = scale * g B B^T. The SGD step -lr*d changes old task j's loss by about -lr <d, h_j> (h_j its
+    stored in-subspace gradient), so a negative <d, h_j> would raise it: `agem` removes that
+    component (A-GEM's single-constraint projection, done for each anchor), `gate` drops d, `free`
+    keeps d as is.
+    """
+    d = ((g @ B) @ B.T) * scale
+    if rule == "free":
+        return d
+    for h in anchors:
+        dot = (d * h).sum()
+        if dot < 0:
+            if rule == "gate":
+                return torch.zeros_like(d)
+            d = d - dot / (h * h).sum().clamp_min(1e-30) * h
+    return d
+
+
+def task_basis(M_old: torch.Tensor | None, A: torch.Tensor, eps: float) -> torch.Tensor:
+    """TRGP's per-task basis: old global vectors and new residual directions ranked together by the
+    task's energy along them, taken until eps * ||A||_F^2 is reached."""
+    A = A.double()
+    total = (A * A).sum()
+    if M_old is None or M_old.shape[1] == 0:
+        U, s2 = left_spectrum(A)
+        cand, energy = U, s2
+    else:
+        M = M_old.double()
+        delta = ((M.T @ A) ** 2).sum(1)  # u_i^T A A^T u_i for each old vector
+        U, s2 = left_spectrum(A - M @ (M.T @ A))
+        cand, energy = torch.cat([M, U], 1), torch.cat([delta, s2])
+    order = torch.argsort(energy, descending=True)
+    cum = torch.cumsum(energy[order], 0) / total.clamp_min(1e-30)
+    r = min(int((cum < eps).sum()) + 1, len(order))
+    Q, _ = torch.linalg.qr(cand[:, order[:r]])
+    return Q
+
+
+class TRGP(GPM):
+    """GPM + trust regions + scaled weight projection (forward transfer without touching old tasks)."""
+
+    name = "trgp"
+
+    def __init__(self, model: nn.Module, config: TRGPConfig | None = None, forward: Forward | None = None,
+                 layers: list[str] | None = None):
+        super().__init__(model, config or TRGPConfig(), forward, layers)
+        self.task_bases: list[dict[str, torch.Tensor]] = []  # per finished task: layer -> basis (m x r_j)
+        self.scales: dict[int, dict[str, list[tuple[int, torch.Tensor]]]] = {}  # task -> layer -> [(j, Q)]
+        self.regimes: dict[int, dict[str, list[tuple[int, int, float, float]]]] = {}  # diagnostics
+
+    # ---- probe gradients ---------------------------------------------------------------------
+    def layer_grads(self, task_id: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-layer (out x m) weight gradients of the task loss on one batch (plain layers, no projection)."""
+        saved = [(p.factor, p.scales) for p in self.patches.values()]
+        for p in self.patches.values():
+            p.factor = None
+        was = self.model.training
+        self.model.eval()
+        try:
+            self.model.zero_grad(set_to_none=True)
+            self.loss(x, y, task_id).backward()
+            out = {}
+            for n, mod in self.memory.modules.items():
+                g = mod.weight.grad
+                out[n] = (torch.zeros_like(mod.weight) if g is None else g.detach().clone()).reshape(
+                    mod.weight.shape[0], -1)
+            self.model.zero_grad(set_to_none=True)
+            return out
+        finally:
+            self.model.train(was)
+            for p, (f, s) in zip(self.patches.values(), saved):
+                p.factor, p.scales = f, s
+
+    def _regime(self, layer: str, j: int, g: torch.Tensor) -> tuple[int, float, float]:
+        return classify(g, self.task_bases[j][layer], self.cfg.eps_proj)
+
+    def before_task(self, task_id: int, loader) -> None:
+        check_loader(loader)
+        self.task_id = task_id
+        self.scales[task_id] = {}
+        self.regimes[task_id] = {}
+        for p in self.patches.values():
+            p.scales = []
+        if task_id > 0 and self.task_bases:
+            x, y = take_samples(loader, self.cfg.probe_samples)
+            grads = self.layer_grads(task_id, x, y)
+            for n in self.memory.names:
+                res = [(j, *self._regime(n, j, grads[n])) for j in range(len(self.task_bases))]
+                self.regimes[task_id][n] = res
+                chosen = sorted((r for r in res if self._scaled(r[1])), key=lambda r: -r[2])[: self.cfg.top_k]
+                self.scales[task_id][n] = [
+                    (j, torch.eye(self.task_bases[j][n].shape[1], device=self.device).requires_grad_(True))
+                    for j, *_ in chosen]
+        self._set_projection()
+        self.use_task(task_id)
+
+    def _scaled(self, regime: int) -> bool:
+        return regime == REGIME_TRUST
+
+    def use_task(self, task_id: int) -> None:
+        for n, p in self.patches.items():
+            p.scales = [(self.task_bases[j][n], Q) for j, Q in self.scales.get(task_id, {}).get(n, [])]
+
+    def extra_parameters(self) -> list[torch.Tensor]:
+        return [Q for qs in self.scales.get(self.task_id, {}).values() for _, Q in qs]
+
+    def after_task(self, task_id: int, loader) -> None:
+        check_loader(loader)
+        for qs in self.scales.get(task_id, {}).values():
+            for k, (j, Q) in enumerate(qs):
+                qs[k] = (j, Q.detach().requires_grad_(False))
+        for p in self.patches.values():
+            p.factor = None
+        reps = self.representations(task_id, loader)
+        old = {n: self.memory.bases.get(n) for n in self.memory.names}
+        bases = {}
+        for i, n in enumerate(self.memory.names):
+            if n in reps:
+                eps = self.memory.threshold(task_id, i)
+                bases[n] = task_basis(old[n], reps[n], eps).float().to(self.device)
+        self.task_bases.append(bases)
+        self.memory.update(reps, task_id)
+        self.use_task(task_id)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "task_bases": self.task_bases, "scales": self.scales,
+                "regimes": self.regimes}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.task_bases, self.scales, self.regimes = state["task_bases"], state["scales"], state["regimes"]
+
+
+class CUBER(TRGP):
+    """TRGP + Regime 3: in-subspace updates for positively correlated old tasks (positive BWT).
+
+    After each task j it stores, per layer, g_j = grad of task j's loss at its final weights (an
+    (out x m) gradient, not data). Before task t each (layer, old task) is classified by
+    `classify`; Regime-3 tasks' subspaces form B_l, and every step keeps `in_subspace_step(g, B_l)`
+    on top of GPM's projected gradient.
+    """
+
+    name = "cuber"
+
+    def __init__(self, model: nn.Module, config: CUBERConfig | None = None, forward: Forward | None = None,
+                 layers: list[str] | None = None):
+        cfg = config or CUBERConfig()
+        if not isinstance(cfg, CUBERConfig):
+            raise UserError("CUBER needs a CUBERConfig")
+        super().__init__(model, cfg, forward, layers)
+        self.task_grads: list[dict[str, torch.Tensor]] = []
+        self.positive: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # layer -> (B, anchors)
+
+    def _regime(self, layer: str, j: int, g: torch.Tensor) -> tuple[int, float, float]:
+        return classify(g, self.task_bases[j][layer], self.cfg.eps_proj, self.task_grads[j][layer],
+                        self.cfg.eps_corr)
+
+    def _scaled(self, regime: int) -> bool:
+        return regime == REGIME_TRUST or (regime == REGIME_POSITIVE and self.cfg.scale_regime3)
+
+    def before_task(self, task_id: int, loader) -> None:
+        super().before_task(task_id, loader)
+        self.positive = {}
+        for n, res in self.regimes.get(task_id, {}).items():
+            pos = [j for j, regime, *_ in res if regime == REGIME_POSITIVE]
+            if not pos:
+                continue
+            U = torch.cat([self.task_bases[j][n] for j in pos], 1).double()
+            Uo, S, _ = torch.linalg.svd(U, full_matrices=False)  # orthonormal basis of the union
+            B = Uo[:, S > 1e-6 * S[0]].float()
+            anchors = [(self.task_grads[j][n] @ self.task_bases[j][n]) @ self.task_bases[j][n].T for j in pos]
+            self.positive[n] = (B, anchors)
+        self._set_projection(exclude=set(self.positive))  # Regime-3 layers need the full gradient
+
+    def after_backward(self, model=None) -> None:
+        keep = {}
+        for n, (B, anchors) in self.positive.items():
+            w = self.memory.modules[n].weight
+            if w.grad is not None:
+                keep[n] = in_subspace_step(w.grad.view(w.shape[0], -1), B, anchors, self.cfg.step_rule,
+                                           self.cfg.step_scale)
+        super().after_backward(model)
+        with torch.no_grad():
+            for n, d in keep.items():
+                w = self.memory.modules[n].weight
+                w.grad.view(w.shape[0], -1).add_(d)
+
+    def after_task(self, task_id: int, loader) -> None:
+        check_loader(loader)
+        self.use_task(task_id)
+        x, y = take_samples(loader, self.cfg.grad_samples)
+        self.task_grads.append(self.layer_grads(task_id, x, y))
+        super().after_task(task_id, loader)
+        self.positive = {}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "task_grads": self.task_grads}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.task_grads = state["task_grads"]

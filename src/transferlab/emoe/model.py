@@ -1,0 +1,232 @@
+"""convert / revert / save / load: turn a model's dense FFNs into emergent experts and back.
+
+convert() is function-preserving up to routing: it permutes each chosen FFN's neurons so every
+expert is a contiguous block (rows of W_in and b_in, columns of W_out; gated FFNs: gate/up rows and
+down columns with one index), then swaps the host module's class for its EMoE subclass. With
+top_k == num_experts the converted model computes the dense function. revert() un-permutes and
+restores the class, so revert(convert(m)) gives back the state_dict bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.errors import UserError
+from ..core.io import atomic_torch_save, atomic_write_json
+from .adapters import adapter_for, check_no_lora, emoe_class, supported_architectures
+from .cluster import split_permutation
+from .config import EMoEConfig
+from .layer import EMoEState, avg_k_gate
+
+CONFIG_FILE = "emoe_config.json"
+ROUTER_FILE = "emoe_router.pt"
+
+
+def ffn_hosts(model: nn.Module) -> list[nn.Module]:
+    """Every module that hosts one supported FFN, in module order (converted or not)."""
+    return [m for m in model.modules() if hasattr(m, "emoe_state") or adapter_for(m) is not None]
+
+
+def emoe_layers(model: nn.Module) -> list[nn.Module]:
+    """The converted FFN hosts (each has `.emoe_state`)."""
+    return [m for m in model.modules() if hasattr(m, "emoe_state")]
+
+
+def is_converted(model: nn.Module) -> bool:
+    return bool(emoe_layers(model))
+
+
+def _unsupported(model: nn.Module) -> UserError:
+    archs = "; ".join(f"{name} ({', '.join(cls)})" for name, cls in supported_architectures().items())
+    return UserError(f"EMoE found no supported FFN in {type(model).__name__}. Supported architectures: {archs}. "
+                     "For another model, register an adapter: transferlab.emoe.register_adapter(Adapter(name, "
+                     "host_classes=('MyBlock',), key=..., permuted=..., mixin=...)); see docs/emoe.md")
+
+
+def _resolve_layers(layers, count: int) -> list[int]:
+    if layers == "all":
+        return list(range(count))
+    out = []
+    for i in layers:
+        j = i + count if i < 0 else i
+        if not 0 <= j < count:
+            raise UserError(f"EMoE layer index {i} is out of range: the model has {count} FFN layers "
+                            f"(valid: 0..{count - 1} or -{count}..-1)")
+        if j in out:
+            raise UserError(f"EMoE layer {i} is listed twice in layers={tuple(layers)}")
+        out.append(j)
+    return sorted(out)
+
+
+def _permute(params: list[tuple[nn.Parameter | None, int]], perm: torch.Tensor) -> None:
+    with torch.no_grad():
+        for p, axis in params:
+            if p is not None:
+                p.data = p.data.index_select(axis, perm.to(p.device))
+
+
+def convert(model: nn.Module, config: EMoEConfig | None = None, *, permutations: dict | None = None) -> nn.Module:
+    """Convert the chosen dense FFNs of `model` into EMoE layers, in place; returns `model`.
+
+    permutations: optional {layer index: neuron order} (e.g. from emoe_config.json) used instead of
+    clustering. Create the optimizer after convert (the FFN tensors are re-laid-out).
+    """
+    config = config or EMoEConfig()
+    if not isinstance(config, EMoEConfig):
+        raise UserError(f"convert() needs an EMoEConfig, got {type(config).__name__}")
+    if is_converted(model):
+        raise UserError("this model is already EMoE-converted; call transferlab.emoe.revert(model) first "
+                        "to convert it again with other settings")
+    hosts = ffn_hosts(model)
+    if not hosts:
+        raise _unsupported(model)
+    chosen = _resolve_layers(config.layers, len(hosts))
+    # validate everything and compute every permutation before touching the model: a failure
+    # leaves the model exactly as it was
+    plans = []
+    for i in chosen:
+        host = hosts[i]
+        adapter = adapter_for(host)
+        if adapter.check is not None:
+            adapter.check(host)
+        params = adapter.permuted(host)
+        check_no_lora(*[m for m in host.modules() if m is not host and hasattr(m, "base_layer")])
+        key = adapter.key(host, config)
+        d_ff = key.shape[0]
+        if d_ff % config.num_experts:
+            raise UserError(f"num_experts={config.num_experts} must divide the FFN width d_ff={d_ff} "
+                            f"(layer {i}); try one of {[d for d in (4, 8, 12, 16, 24, 32, 48, 64) if d_ff % d == 0]}")
+        if permutations is not None:
+            if i not in permutations and str(i) not in permutations:
+                raise UserError(f"permutations has no entry for layer {i}")
+            perm = torch.as_tensor(permutations[i] if i in permutations else permutations[str(i)], dtype=torch.long)
+            if perm.shape != (d_ff,) or not torch.equal(torch.sort(perm).values, torch.arange(d_ff)):
+                raise UserError(f"stored permutation for layer {i} is not a permutation of {d_ff} neurons")
+        else:
+            perm = split_permutation(key, config.num_experts, config.split, config.seed + i,
+                                     config.kmeans_n_init, config.kmeans_max_iter)
+        plans.append((i, host, adapter, params, perm))
+    for i, host, adapter, params, perm in plans:
+        _permute(params, perm)
+        original = type(host)
+        host.__class__ = emoe_class(original, adapter.mixin)
+        host.emoe_state = EMoEState(config, i, adapter.name, perm.cpu(), original)
+        if config.gate == "learned":
+            key = adapter.key(host, config)
+            host.emoe_router = nn.Parameter(avg_k_gate(key, config.num_experts).to(key.dtype))
+            host.emoe_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=key.device))
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo convert() in place: un-permute the neurons and restore the dense classes; returns `model`."""
+    layers = emoe_layers(model)
+    if not layers:
+        raise UserError("revert() was given a model with no EMoE layers (it is already dense); "
+                        "call transferlab.emoe.convert(model, config) first")
+    for host in layers:
+        st = host.emoe_state
+        host.__class__ = st.original_class
+        adapter = adapter_for(host)
+        _permute(adapter.permuted(host), torch.argsort(st.perm))
+        for name in ("emoe_router", "emoe_logit_scale"):
+            if name in host._parameters:
+                del host._parameters[name]
+        del host.emoe_state
+    return model
+
+
+def emoe_config(model: nn.Module) -> tuple[EMoEConfig, dict[int, list[int]]]:
+    """The config and per-layer neuron orders of a converted model (what save_pretrained stores)."""
+    layers = emoe_layers(model)
+    if not layers:
+        raise UserError("this model has no EMoE layers; convert it first")
+    return layers[0].emoe_state.cfg, {h.emoe_state.index: h.emoe_state.perm.tolist() for h in layers}
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Weighted Tutel balance loss of the last training forward (0 when aux_loss_weight is 0)."""
+    total = None
+    for h in emoe_layers(model):
+        st = h.emoe_state
+        if st.aux_loss is not None and st.cfg.aux_loss_weight > 0:
+            term = st.cfg.aux_loss_weight * st.aux_loss
+            total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+def expert_load(model: nn.Module, reset: bool = False, track: bool | None = None) -> dict[int, torch.Tensor]:
+    """Tokens routed to each expert per converted layer (turn counting on with track=True)."""
+    out = {}
+    for h in emoe_layers(model):
+        st = h.emoe_state
+        if track is not None:
+            st.track_load = track
+        out[st.index] = st.load.clone()
+        if reset:
+            st.load.zero_()
+    return out
+
+
+def save_pretrained(model: nn.Module, path, **kwargs) -> Path:
+    """Save a converted Hugging Face model as: dense weights (save_pretrained) + emoe_config.json.
+
+    The model is reverted for saving and re-converted with the same permutations afterwards, so
+    the saved checkpoint is an ordinary dense model any tool can load ("EMoE2Dense").
+    """
+    path = Path(path)
+    if not hasattr(model, "save_pretrained"):
+        raise UserError("save_pretrained needs a Hugging Face model (with .save_pretrained); for other models "
+                        "save revert(model).state_dict() and emoe_config(model)")
+    cfg, perms = emoe_config(model)
+    routers = {h.emoe_state.index: {"router": h.emoe_router.detach().cpu(),
+                                    "logit_scale": h.emoe_logit_scale.detach().cpu()}
+               for h in emoe_layers(model) if cfg.gate == "learned"}
+    revert(model)
+    try:
+        model.save_pretrained(path, **kwargs)
+    finally:
+        convert(model, cfg, permutations=perms)
+        _restore_routers(model, routers)
+    if routers:
+        atomic_torch_save(routers, path / ROUTER_FILE)
+    atomic_write_json(path / CONFIG_FILE, {"format": 1, "config": cfg.to_json(),
+                                           "permutations": {str(k): v for k, v in perms.items()}})
+    return path
+
+
+def _restore_routers(model, routers: dict) -> None:
+    with torch.no_grad():
+        for h in emoe_layers(model):
+            r = routers.get(h.emoe_state.index)
+            if r is not None:
+                h.emoe_router.copy_(r["router"])
+                h.emoe_logit_scale.copy_(r["logit_scale"])
+
+
+def apply_saved(model: nn.Module, path) -> nn.Module:
+    """Convert a freshly loaded dense model with the config and permutations stored in `path`."""
+    import json
+
+    f = Path(path) / CONFIG_FILE
+    if not f.exists():
+        raise UserError(f"{f} not found: this folder was not written by transferlab.emoe.save_pretrained")
+    blob = json.loads(f.read_text())
+    cfg = EMoEConfig.from_json(blob["config"])
+    convert(model, cfg, permutations={int(k): v for k, v in blob["permutations"].items()})
+    if (Path(path) / ROUTER_FILE).exists():
+        _restore_routers(model, torch.load(Path(path) / ROUTER_FILE, map_location="cpu", weights_only=True))
+    return model
+
+
+def from_pretrained(path, model_class=None, **kwargs) -> nn.Module:
+    """Load what save_pretrained wrote: `model_class.from_pretrained(path)` then convert with stored permutations."""
+    if model_class is None:
+        from transformers import AutoModel  # optional extra, imported lazily
+
+        model_class = AutoModel
+    return apply_saved(model_class.from_pretrained(path, **kwargs), path)

@@ -1,0 +1,308 @@
+"""`kind-fmnist` / `kind-fmnist-all`: pre-train a class-conditional DiT on 6 Fashion-MNIST classes,
+transfer it to the 4 held-out classes, and compare KIND with dense transfer baselines.
+
+Arms (same seeds, same transfer steps, paired by seed):
+    kind           KIND pre-trained with the class gate; frozen learngenes + new random tailors (reference)
+    kind_nogate    KIND pre-trained with every tailor on for every class, then the same transfer (ablation:
+                   isolates knowledge *diversion* from the factorisation itself)
+    full_finetune  dense DiT pre-trained on the same data, every parameter trained
+    lora           dense pre-trained + LoRA on q/k/v/o/fc1/fc2 with about KIND's trainable parameters
+    svdiff         dense pre-trained + SVDiff-like spectral shift (one number per singular value)
+    scratch        dense DiT trained on the target classes only
+
+`kind-fmnist` is the few-shot regime (100 images per class); `kind-fmnist-all` uses every training
+image of the target classes. The judge network, metrics and sampling live in `evaluate.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core.config import field
+from ..core.errors import UserError
+from ..core.io import atomic_torch_save
+from ..core.registry import register_experiment
+from ..data import load_fashion_mnist
+from ..nn.diffusion import Diffusion
+from ..nn.dit import DiT
+from . import evaluate as ev
+from .baselines import apply_lora, apply_svdiff, lora_params_per_rank
+from .config import KindConfig
+from .model import TRAINABLE_GROUPS, convert, fit, kind_stats, transfer
+from .plots import plot_kind
+
+ARMS = ("kind", "kind_nogate", "full_finetune", "lora", "svdiff", "scratch")
+
+
+@dataclass(frozen=True)
+class KindFmnistConfig:
+    """KIND (arXiv 2408.07337) §4 transfer-to-novel-classes protocol, at Fashion-MNIST scale.
+
+    The paper pre-trains DiT-B/2 and DiT-L/2 on 150 ImageNet superclasses and transfers to 461 novel
+    ones; here 6 -> 4 Fashion-MNIST classes. Sizes, steps and the learngene/tailor split are ours.
+    """
+
+    arms: tuple[str, ...] = field(ARMS, "arms: " + ", ".join(ARMS))
+    seeds: int = field(3, "number of seeds")
+    source_classes: tuple[int, ...] = field((0, 1, 2, 3, 4, 5), "Fashion-MNIST classes for pre-training")
+    target_classes: tuple[int, ...] = field((6, 7, 8, 9), "held-out classes of the transfer task")
+    source_per_class: int = field(6000, "pre-training images per source class (max 6000)")
+    target_per_class: int = field(100, "transfer training images per target class (100 = few-shot)")
+    val_per_class: int = field(100, "real validation images per target class (train split, disjoint from the "
+                                    "transfer images) for choosing the learning rate")
+    test_per_class: int = field(1000, "real test images per target class (the metrics' reference set)")
+    patch: int = field(4, "DiT patch size (28 must be divisible by it)")
+    width: int = field(128, "DiT width")
+    depth: int = field(6, "DiT blocks")
+    heads: int = field(4, "attention heads")
+    timesteps: int = field(1000, "diffusion steps T")
+    schedule: str = field("linear", "beta schedule: linear (DiT) or cosine")
+    batch_size: int = field(128, "training batch size")
+    pretrain_steps: int = field(6000, "pre-training steps (each of: dense, KIND, KIND without gate)")
+    pretrain_lr: float = field(3e-4, "AdamW learning rate for pre-training")
+    transfer_steps: int = field(1500, "training steps on the target classes (every arm)")
+    lrs: tuple[float, ...] = field((1e-4, 3e-4, 1e-3), "transfer learning rates tried per arm; the best by "
+                                                        "FMNIST-FID on the validation images is kept")
+    svdiff_lr_mult: float = field(10.0, "LR multiplier for SVDiff's singular-value shifts (SVDiff needs a "
+                                        "larger LR)")
+    sigma_lr_mult: float = field(1.0, "LR multiplier for KIND's singular values s [reconstructed]")
+    class_dropout: float = field(0.1, "label dropout for classifier-free guidance (DiT: 0.1)")
+    cfg_scale: float = field(1.0, "classifier-free guidance scale at sampling (1 = off)")
+    ddim_steps: int = field(50, "DDIM sampling steps")
+    samples_per_class: int = field(250, "generated images per target class for the metrics")
+    n_learngene: int = field(64, "KIND learngene components per matrix [reconstructed: width/2]")
+    n_tailor: int = field(64, "KIND tailor components per matrix [reconstructed: width/2]")
+    k_active: int | None = field(None, "tailors on per class (None: n_tailor // classes, disjoint blocks)")
+    assignment: str = field("block", "gate rule: block or random [reconstructed]")
+    tailor_init_scale: float = field(1.0, "s of new tailors as a multiple of the Xavier-matched value "
+                                          "[reconstructed]")
+    transfer_train: tuple[str, ...] = field(("label_embed", "final_layer"), "dense parts trained in transfer "
+                                            "by kind, kind_nogate, lora and svdiff [reconstructed]")
+    lora_rank: int = field(0, "LoRA rank; 0 matches KIND's trainable tailor parameters")
+    judge_per_class: int = field(6000, "real training images per class for the judge network (all 10 classes)")
+    judge_epochs: int = field(3, "judge training epochs")
+    knn_k: int = field(3, "k of the k-NN precision/recall")
+    checkpoint_every: int = field(500, "steps between checkpoints (0 = only between phases)")
+    data_path: str | None = field(None, "folder with the Fashion-MNIST IDX files (default: Debian package)")
+
+    def check(self) -> None:
+        """Cross-field checks, run when the experiment starts (--set applies overrides one at a time)."""
+        if set(self.source_classes) & set(self.target_classes):
+            raise UserError("source_classes and target_classes must not overlap")
+        if 28 % self.patch:
+            raise UserError(f"patch={self.patch}: 28 must be divisible by the patch size (1, 2, 4, 7, 14)")
+        if self.n_learngene + self.n_tailor > self.width:
+            raise UserError(f"n_learngene + n_tailor = {self.n_learngene + self.n_tailor} exceeds width "
+                            f"{self.width}; lower them")
+        if not self.lrs:
+            raise UserError("lrs must list at least one learning rate")
+        if self.samples_per_class <= self.knn_k:
+            raise UserError("samples_per_class must exceed knn_k")
+        bad = [t for t in self.transfer_train if t not in TRAINABLE_GROUPS]
+        if bad:
+            raise UserError(f"transfer_train has unknown group(s) {bad}; choose from {', '.join(TRAINABLE_GROUPS)}")
+
+
+def _take(y: torch.Tensor, classes, n: int, seed: int, skip: int = 0) -> torch.Tensor:
+    out = []
+    for c in classes:
+        idx = (y == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed * 31 + c))]
+        if len(idx) < skip + n:
+            raise UserError(f"Fashion-MNIST class {c} has {len(idx)} images here, fewer than the {skip + n} "
+                            "asked for; lower target_per_class / val_per_class / test_per_class")
+        out.append(idx[skip: skip + n])
+    return torch.cat(out)
+
+
+def _model_space(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div(127.5).sub(1).unsqueeze(1)
+
+
+def _relabel(y: torch.Tensor, classes) -> torch.Tensor:
+    lut = torch.full((10,), -1, dtype=torch.long)
+    lut[list(classes)] = torch.arange(len(classes))
+    return lut[y]
+
+
+def _dit(cfg: KindFmnistConfig, num_classes: int) -> DiT:
+    return DiT(image_size=28, patch=cfg.patch, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
+               num_classes=num_classes)
+
+
+def _kind_cfg(cfg: KindFmnistConfig, gate: bool) -> KindConfig:
+    return KindConfig(n_learngene=cfg.n_learngene, n_tailor=cfg.n_tailor, k_active=cfg.k_active,
+                      assignment=cfg.assignment, gate=gate)
+
+
+def _pretrained(cfg, family: str, seed: int, engine, diffusion, data) -> torch.nn.Module:
+    """The pre-trained model of a family (dense / kind / kind_nogate), cached per seed for all arms."""
+    torch.manual_seed(seed * 7 + {"dense": 0, "kind": 1, "kind_nogate": 2}[family])
+    model = _dit(cfg, len(cfg.source_classes))
+    if family != "dense":
+        convert(model, _kind_cfg(cfg, gate=(family == "kind")))
+    model = model.to(engine.device)
+    cache = engine.run_dir.parent / f"pretrained-{family}-seed{seed}.pt"
+    if cache.exists():
+        model.load_state_dict(torch.load(cache, map_location=engine.device, weights_only=True))
+        return model
+    xs, ys = data["source"]
+    fit(model, xs.to(engine.device), ys.to(engine.device), diffusion=diffusion, steps=cfg.pretrain_steps,
+        batch_size=cfg.batch_size, lr=cfg.pretrain_lr, sigma_lr_mult=cfg.sigma_lr_mult,
+        class_dropout=cfg.class_dropout, seed=seed, engine=engine, phase=f"pretrain-{family}",
+        checkpoint_every=cfg.checkpoint_every)
+    if engine.is_main:
+        atomic_torch_save(model.state_dict(), cache)
+    engine.wait()
+    return model
+
+
+def _freeze_except(model, groups) -> None:
+    frags = [f for g in groups for f in TRAINABLE_GROUPS[g]]
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(f in n for f in frags))
+
+
+def _kind_tailor_params(cfg) -> int:
+    """KIND's trainable tailor parameters for this DiT size (for matching LoRA's rank)."""
+    probe = convert(_dit(cfg, len(cfg.target_classes)), _kind_cfg(cfg, gate=True))
+    return kind_stats(probe)["tailor"]
+
+
+def build_arm(cfg, arm: str, seed: int, engine, diffusion, data) -> tuple[torch.nn.Module, float]:
+    """The model ready for transfer training, and its LR multiplier for the singular-value group."""
+    n_new = len(cfg.target_classes)
+    if arm == "scratch":
+        torch.manual_seed(seed * 7 + 3)
+        return _dit(cfg, n_new).to(engine.device), 1.0
+    if arm in ("kind", "kind_nogate"):
+        model = _pretrained(cfg, arm, seed, engine, diffusion, data)
+        g = torch.Generator().manual_seed(seed * 7 + 5)
+        # the gate is on in transfer for both: the ablation differs only in how pre-training routed
+        transfer(model, n_new, train=cfg.transfer_train, tailor_init_scale=cfg.tailor_init_scale, gate=True,
+                 generator=g)
+        return model, cfg.sigma_lr_mult
+    model = _pretrained(cfg, "dense", seed, engine, diffusion, data)
+    torch.manual_seed(seed * 7 + 6)
+    model.reset_classes(n_new)
+    if arm == "full_finetune":
+        return model, 1.0
+    _freeze_except(model, cfg.transfer_train)
+    if arm == "lora":
+        rank = cfg.lora_rank or max(1, round(_kind_tailor_params(cfg) / lora_params_per_rank(model)))
+        apply_lora(model, rank)
+        return model, 1.0
+    if arm == "svdiff":
+        apply_svdiff(model)
+        return model, cfg.svdiff_lr_mult
+    raise UserError(f"unknown arm {arm!r}")
+
+
+def _load_data(cfg, seed: int) -> dict:
+    x, y = load_fashion_mnist("train", cfg.data_path)
+    xt, yt = load_fashion_mnist("test", cfg.data_path)
+    src = _take(y, cfg.source_classes, cfg.source_per_class, seed)
+    tgt = _take(y, cfg.target_classes, cfg.target_per_class, seed + 1000)
+    val = _take(y, cfg.target_classes, cfg.val_per_class, seed + 1000, skip=cfg.target_per_class)
+    test = _take(yt, cfg.target_classes, cfg.test_per_class, 0)
+    # real-vs-real floor: as many real training images as generated ones, against the same test set
+    floor = _take(y, cfg.target_classes, min(cfg.samples_per_class, 6000 - cfg.target_per_class), seed + 2000)
+    judge = _take(y, range(10), cfg.judge_per_class, seed + 3000)
+    return {
+        "source": (_model_space(x[src]), _relabel(y[src], cfg.source_classes)),
+        "target": (_model_space(x[tgt]), _relabel(y[tgt], cfg.target_classes)),
+        "val01": x[val].float().div(255).unsqueeze(1),
+        "test": (_model_space(xt[test]), _relabel(yt[test], cfg.target_classes)),
+        "test01": xt[test].float().div(255).unsqueeze(1),
+        "floor01": x[floor].float().div(255).unsqueeze(1),
+        "judge": (x[judge].float().div(255).unsqueeze(1), y[judge]),
+    }
+
+
+def _samples(cfg, model, diffusion, per_class: int, seed: int, engine) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = torch.arange(len(cfg.target_classes)).repeat_interleave(per_class)
+    x = ev.generate(model, diffusion, labels, steps=cfg.ddim_steps, cfg_scale=cfg.cfg_scale,
+                    null_label=len(cfg.target_classes), seed=seed, device=engine.device)
+    return x, torch.tensor(cfg.target_classes)[labels]
+
+
+def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
+    cfg.check()
+    diffusion = Diffusion(cfg.timesteps, cfg.schedule)
+    data = _load_data(cfg, seed)
+    judge = ev.train_judge(*data["judge"], epochs=cfg.judge_epochs, seed=seed,
+                           cache=engine.run_dir.parent / f"judge-seed{seed}.pt", engine=engine)
+    xt, yt = data["target"]
+    xt, yt = xt.to(engine.device), yt.to(engine.device)
+    best = None  # (val_fid, lr, state) -- the LR is chosen on validation images, never on the test set
+    for i, lr in enumerate(cfg.lrs):
+        done_file = engine.run_dir / f"lr{i}.pt"
+        model, sig_mult = build_arm(cfg, arm, seed, engine, diffusion, data)
+        if done_file.exists():
+            blob = torch.load(done_file, map_location=engine.device, weights_only=True)
+            model.load_state_dict(blob["model"])
+            val_fid, losses = blob["val_fid"], blob["losses"]
+        else:
+            losses = fit(model, xt, yt, diffusion=diffusion, steps=cfg.transfer_steps, batch_size=cfg.batch_size,
+                         lr=lr, sigma_lr_mult=sig_mult, class_dropout=cfg.class_dropout, seed=seed + 100 * i,
+                         engine=engine, phase=f"transfer-lr{i}", checkpoint_every=cfg.checkpoint_every)
+            val_fid = float("nan")
+            if len(cfg.lrs) > 1:
+                fake, _ = _samples(cfg, model, diffusion, cfg.val_per_class, seed + 50_000, engine)
+                f_fake, _ = ev.judge_outputs(judge, ev.to_unit(fake))
+                f_val, _ = ev.judge_outputs(judge, data["val01"])
+                val_fid = ev.frechet_distance(f_val, f_fake)
+            if engine.is_main:
+                atomic_torch_save({"model": model.state_dict(), "val_fid": val_fid, "losses": losses}, done_file)
+        if best is None or val_fid < best[0]:
+            best = (val_fid, lr, model, losses)
+    val_fid, lr, model, losses = best
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fake, fake_labels = _samples(cfg, model, diffusion, cfg.samples_per_class, seed + 90_000, engine)
+    metrics = ev.sample_metrics(judge, ev.to_unit(fake), fake_labels, data["test01"], cfg.knn_k)
+    f_floor, _ = ev.judge_outputs(judge, data["floor01"])
+    f_test, _ = ev.judge_outputs(judge, data["test01"])
+    _, judge_pred = ev.judge_outputs(judge, data["test01"])
+    xte, yte = data["test"]
+    metrics.update({
+        "fid_floor": ev.frechet_distance(f_test, f_floor),
+        "judge_acc": 100 * (judge_pred == torch.tensor(cfg.target_classes)[yte]).float().mean().item(),
+        "heldout_mse": ev.heldout_mse(model, diffusion, xte[:2000], yte[:2000], engine.device),
+        "trainable_params": float(trainable),
+        "mflops": 1000 * ev.gflops_per_sample(model, engine.device, 0),
+        "lr": lr, "val_fid": val_fid, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+    })
+    # a small grid (8 per class) for the report's sample figure
+    grid = ((fake.view(len(cfg.target_classes), cfg.samples_per_class, 28, 28)[:, :8] + 1) * 127.5).round()
+    if engine.is_main:
+        atomic_torch_save(grid.to(torch.uint8), engine.run_dir / "samples.pt")
+    return metrics
+
+
+_FULL = {"seeds": 3}
+_QUICK = {"seeds": 2, "patch": 7, "width": 64, "depth": 4, "heads": 4, "batch_size": 64,
+          "source_per_class": 1000, "pretrain_steps": 300, "transfer_steps": 150, "lrs": (1e-3,),
+          "n_learngene": 32, "n_tailor": 32, "ddim_steps": 20, "samples_per_class": 100, "val_per_class": 50,
+          "test_per_class": 300, "judge_per_class": 500, "judge_epochs": 2, "checkpoint_every": 100}
+
+register_experiment(
+    "kind-fmnist", config=KindFmnistConfig, reference="kind",
+    metrics=("fmnist_fid", "class_acc", "precision", "recall", "fid_floor", "heldout_mse", "trainable_params",
+             "mflops"),
+    description="KIND: DiT pre-trained on 6 Fashion-MNIST classes, few-shot (100/class) transfer to 4 held-out "
+                "classes; KIND vs full fine-tuning, LoRA, SVDiff, scratch, no-gate ablation",
+    profiles={"quick": _QUICK, "full": _FULL}, plot=plot_kind,
+)(kind_fmnist)
+
+register_experiment(
+    "kind-fmnist-all", config=KindFmnistConfig, reference="kind",
+    metrics=("fmnist_fid", "class_acc", "precision", "recall", "fid_floor", "heldout_mse", "trainable_params",
+             "mflops"),
+    description="KIND on Fashion-MNIST 6 -> 4 classes with every training image of the target classes",
+    profiles={"quick": {**_QUICK, "target_per_class": 1000}, "full": {**_FULL, "target_per_class": 5800}},
+    plot=plot_kind,
+)(kind_fmnist)
+
+__all__ = ["KindFmnistConfig", "kind_fmnist", "build_arm"]

@@ -1,0 +1,403 @@
+"""`MetaDMoE`: experts, aggregator and student, with the four training stages and test-time `adapt`.
+
+Shapes: experts and student map images to features [B, D] via `features(x)` and features to logits via
+`head(z)`; the aggregator fuses the experts' features [B, N, D] into the teacher feature [B, D].
+The student adapts to an unlabeled batch with one SGD step on MSE(student.features(x), teacher(x));
+its head is shared and never adapted (official `train_kd`/`eval`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..core.errors import UserError
+from ..nn import batches
+from .aggregator import Aggregator
+from .config import MetaDMoEConfig
+
+Domain = tuple[torch.Tensor, torch.Tensor]  # (images, labels) of one source domain
+
+
+def check_backbone(module, role: str) -> None:
+    """Raise a UserError naming what a backbone lacks (Meta-DMoE needs `features(x)` and `head(z)`)."""
+    if not isinstance(module, nn.Module):
+        raise UserError(f"{role} must be a torch.nn.Module, got {type(module).__name__}")
+    missing = [m for m in ("features", "head") if not callable(getattr(module, m, None))]
+    if missing:
+        raise UserError(f"{role} ({type(module).__name__}) has no {' or '.join(f'{m}()' for m in missing)}; "
+                        "Meta-DMoE needs features(x) -> [B, D] and head(z) -> logits, e.g. "
+                        "transferlab.nn.SmallCNN, or add these two methods to your module")
+
+
+def check_batch(x, name: str, input_shape: tuple[int, ...] | None = None) -> None:
+    """Reject empty, wrongly shaped or non-finite batches before anything is computed or changed."""
+    if not isinstance(x, torch.Tensor):
+        raise UserError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise UserError(f"{name} must be a floating-point tensor (e.g. x.float() / 255), got {x.dtype}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise UserError(f"{name} must be a non-empty batch [B, ...] with B >= 1, got shape {tuple(x.shape)}")
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        raise UserError(f"{name} has per-sample shape {tuple(x.shape[1:])} but the model was trained on "
+                        f"{tuple(input_shape)}; reshape the batch to [B, {', '.join(map(str, input_shape))}]")
+    if not torch.isfinite(x).all():
+        raise UserError(f"{name} contains NaN or infinite values; clean or drop those samples first")
+
+
+class _View(nn.Module):
+    """Lets `functional_call` run `features` (or head∘features) of a module with substituted parameters."""
+
+    def __init__(self, module: nn.Module, logits: bool):
+        super().__init__()
+        self.m, self.logits = module, logits
+
+    def forward(self, x):
+        z = self.m.features(x)
+        return self.m.head(z) if self.logits else z
+
+
+def call_with(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, logits: bool) -> torch.Tensor:
+    """`module.features(x)` (or logits) with `params` in place of the module's own parameters."""
+    return functional_call(_View(module, logits), {"m." + k: v for k, v in params.items()}, (x,))
+
+
+class AdaptedStudent:
+    """The student with adapted feature parameters; the stored student is never modified."""
+
+    def __init__(self, student: nn.Module, params: dict[str, torch.Tensor], input_shape=None):
+        self.student, self.params, self.input_shape = student, params, input_shape
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return call_with(self.student, self.params, x, logits=False)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x, "x", self.input_shape)
+        was = self.student.training
+        self.student.eval()
+        try:
+            return call_with(self.student, self.params, x, logits=True)
+        finally:
+            self.student.train(was)
+
+    __call__ = predict
+
+
+class MetaDMoE(nn.Module):
+    """Meta-distillation from a mixture of domain experts (Zhong et al., NeurIPS 2022).
+
+    Args:
+        experts: one backbone per source domain (or domain group), each with `features`/`head`.
+        aggregator: an `Aggregator(dim=D)`; may be None when `config.teacher == "average"`.
+        student: the backbone that is adapted at test time; `features(x)` must return [B, D].
+        config: `MetaDMoEConfig`.
+        groups: `groups[d]` = index of the expert trained on source domain d (default: domain d -> expert d).
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], aggregator: Aggregator | None, student: nn.Module,
+                 config: MetaDMoEConfig | None = None, groups: Sequence[int] | None = None,
+                 input_shape: Sequence[int] | None = None):
+        super().__init__()
+        self.config = config or MetaDMoEConfig()
+        if len(experts) == 0:
+            raise UserError("MetaDMoE needs at least one expert")
+        for i, e in enumerate(experts):
+            check_backbone(e, f"expert {i}")
+        check_backbone(student, "student")
+        if aggregator is None and self.config.teacher == "aggregator":
+            raise UserError("pass an Aggregator, or set MetaDMoEConfig(teacher='average') to average the experts")
+        if groups is not None and any(not 0 <= g < len(experts) for g in groups):
+            raise UserError(f"groups must map every domain to an expert index in [0, {len(experts)})")
+        self.experts = nn.ModuleList(experts)
+        self.aggregator = aggregator
+        self.student = student
+        self.groups = tuple(groups) if groups is not None else tuple(range(len(experts)))
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.history: list[dict] = []
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    # ---- teacher --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def expert_tokens(self, x: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
+        """Frozen experts' features of x as tokens [B, N, D] (or N-1 without expert `exclude`)."""
+        feats = []
+        for i, e in enumerate(self.experts):
+            if i == exclude:
+                continue  # dropped, not zeroed: the masked expert cannot influence the teacher at all
+            was = e.training
+            e.eval()
+            feats.append(e.features(x))
+            e.train(was)
+        return torch.stack(feats, dim=1)
+
+    def teacher(self, x: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
+        """Teacher feature [B, D]; gradients flow into the aggregator (not into the experts)."""
+        tokens = self.expert_tokens(x, exclude)
+        if self.config.teacher == "average" or self.aggregator is None:
+            return tokens.mean(dim=1)
+        return self.aggregator.features(tokens)
+
+    def expert_of(self, domain: int) -> int:
+        if not 0 <= domain < len(self.groups):
+            raise UserError(f"domain {domain} is not a source domain; groups cover domains 0..{len(self.groups) - 1}")
+        return self.groups[domain]
+
+    # ---- the inner step -------------------------------------------------------------------------
+    def inner_step(self, params: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor, lr: float,
+                   create_graph: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """theta' = theta - lr * grad_theta MSE(f(x; theta), target); parameters unused by `features` stay."""
+        feats = call_with(self.student, params, x, logits=False)
+        if feats.shape != target.shape:
+            raise UserError(f"student features {tuple(feats.shape)} and teacher feature {tuple(target.shape)} "
+                            "differ; experts and student must share the feature size D")
+        loss = F.mse_loss(feats, target)
+        names = [n for n, p in params.items() if p.requires_grad]
+        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True)
+        new = dict(params)
+        for n, g in zip(names, grads):
+            if g is not None:  # head parameters get no gradient from the feature loss: shared, not adapted
+                new[n] = params[n] - lr * g
+        return new, loss
+
+    def _check(self, x, name):
+        check_batch(x, name, self.input_shape)
+        if x.device != self.device:
+            raise UserError(f"{name} is on {x.device} but the model is on {self.device}; move it with .to()")
+
+    def adapt(self, unlabeled_x: torch.Tensor, steps: int | None = None, lr: float | None = None,
+              exclude_expert: int | None = None) -> AdaptedStudent:
+        """Adapt the student to one unlabeled target batch (test time, all experts, no labels).
+
+        Returns an `AdaptedStudent`; the stored student, experts and aggregator are left unchanged,
+        so each target domain starts from the meta-learned weights. `exclude_expert` drops one expert
+        from the teacher, for validating on a source domain as if it were unseen.
+        """
+        self._check(unlabeled_x, "unlabeled_x")
+        steps = self.config.inner_steps if steps is None else steps
+        lr = self.config.inner_lr if lr is None else lr
+        modes = [(m, m.training) for m in (self.student, self.aggregator) if m is not None]
+        for m, _ in modes:
+            m.eval()  # BN running statistics and aggregator dropout stay fixed (official: eval mode)
+        try:
+            with torch.no_grad():
+                target = self.teacher(unlabeled_x, exclude_expert)
+            params = {n: p.detach().requires_grad_(True) for n, p in self.student.named_parameters()}
+            with torch.enable_grad():
+                for _ in range(steps):
+                    params, _ = self.inner_step(params, unlabeled_x, target, lr, create_graph=False)
+                    params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        finally:
+            for m, was in modes:
+                m.train(was)
+        return AdaptedStudent(self.student, {n: p.detach() for n, p in params.items()}, self.input_shape)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, adapted: AdaptedStudent | None = None) -> torch.Tensor:
+        """Logits of the (optionally adapted) student in eval mode."""
+        if adapted is not None:
+            return adapted.predict(x)
+        self._check(x, "x")
+        params = dict(self.student.named_parameters())
+        was = self.student.training
+        self.student.eval()
+        try:
+            return call_with(self.student, params, x, logits=True)
+        finally:
+            self.student.train(was)
+
+    # ---- stage 4: one meta-training episode -----------------------------------------------------
+    def meta_loss(self, support_x, query_x, query_y, domain: int) -> tuple[torch.Tensor, dict]:
+        """Query loss after the inner step, differentiable w.r.t. student and (second order) aggregator."""
+        self._check(support_x, "support_x")
+        self._check(query_x, "query_x")
+        if not isinstance(query_y, torch.Tensor) or query_y.shape != query_x.shape[:1]:
+            raise UserError(f"query_y must be a tensor of {query_x.shape[0]} labels, one per query image")
+        cfg = self.config
+        exclude = self.expert_of(domain) if cfg.mask_own_expert else None
+        if exclude is not None and len(self.experts) < 2:
+            raise UserError("mask_own_expert needs at least two experts (one is masked in every episode)")
+        self.student.eval()  # official: BN in eval mode throughout meta-training
+        if self.aggregator is not None:
+            self.aggregator.eval()
+        with torch.set_grad_enabled(not cfg.first_order):  # first order: the aggregator gets no gradient
+            target = self.teacher(support_x, exclude)
+        params = dict(self.student.named_parameters())
+        with torch.no_grad():
+            before = F.cross_entropy(call_with(self.student, params, query_x, logits=True), query_y)
+        for _ in range(cfg.inner_steps):
+            params, inner = self.inner_step(params, support_x, target, cfg.inner_lr, create_graph=not cfg.first_order)
+        loss = F.cross_entropy(call_with(self.student, params, query_x, logits=True), query_y)
+        return loss, {"loss_before": before.item(), "loss_after": loss.item(), "inner_mse": inner.item()}
+
+    def meta_optimizers(self, lr_scale: float = 1.0) -> list[torch.optim.Optimizer]:
+        """Adam for student (features + head, lr beta) and aggregator (its own lr), as in the official code."""
+        opts = [torch.optim.Adam(self.student.parameters(), lr=self.config.outer_lr * lr_scale)]
+        if self.aggregator is not None and self.config.teacher == "aggregator":
+            opts.append(torch.optim.Adam(self.aggregator.parameters(), lr=self.config.aggregator_meta_lr * lr_scale))
+        return opts
+
+    def meta_step(self, support_x, query_x, query_y, domain: int, optimizers) -> dict:
+        """One episode: inner step on the support, CE on the query, one outer update of both optimisers."""
+        loss, info = self.meta_loss(support_x, query_x, query_y, domain)
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in optimizers:
+            o.step()
+        return info
+
+    # ---- stages 1-4 on lists of source domains --------------------------------------------------
+    def _domains(self, domains: Sequence[Domain]) -> list[Domain]:
+        if len(domains) == 0:
+            raise UserError("pass at least one source domain as (x, y)")
+        out = []
+        for i, d in enumerate(domains):
+            if not (isinstance(d, (tuple, list)) and len(d) == 2):
+                raise UserError(f"source domain {i} must be an (x, y) pair of tensors")
+            x, y = d
+            check_batch(x, f"domain {i} images", self.input_shape)
+            if not isinstance(y, torch.Tensor) or y.shape != x.shape[:1] or y.dtype != torch.long:
+                raise UserError(f"domain {i} labels must be an int64 tensor with one label per image")
+            if self.input_shape is None:
+                self.input_shape = tuple(x.shape[1:])
+            out.append((x, y))
+        return out
+
+    def _fit(self, params, loss_fn: Callable, n: int, epochs: int, lr: float, seed: int, progress=None, desc=""):
+        opt = torch.optim.Adam(params, lr=lr)
+        for epoch in range(epochs):
+            chunks = batches(n, self.config.batch_size, seed=seed * 1000 + epoch)
+            for b in (progress(chunks, desc=f"{desc} {epoch + 1}/{epochs}") if progress else chunks):
+                loss = loss_fn(b)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+    def pretrain_student(self, domains: Sequence[Domain], seed: int = 0, progress=None) -> MetaDMoE:
+        """Stage 3: ERM of the student on the union of all source domains (BN in train mode)."""
+        domains = self._domains(domains)
+        x = torch.cat([d[0] for d in domains])
+        y = torch.cat([d[1] for d in domains])
+        dev, s = self.device, self.student
+        s.train()
+
+        def loss(b):
+            return F.cross_entropy(s.head(s.features(x[b].to(dev))), y[b].to(dev))
+
+        self._fit(s.parameters(), loss, len(x), self.config.student_epochs, self.config.student_lr, seed, progress,
+                  "student epoch")
+        s.eval()
+        return self
+
+    def train_experts(self, domains: Sequence[Domain], seed: int = 0, progress=None) -> MetaDMoE:
+        """Stage 1: cross-entropy training of each expert on its domains (per `groups`), then freeze it.
+
+        With `config.expert_init == "student"` each expert starts from the student's current weights.
+        """
+        domains = self._domains(domains)
+        if len(domains) != len(self.groups):
+            raise UserError(f"got {len(domains)} source domains but groups cover {len(self.groups)}; "
+                            "pass groups=[expert index per domain] to MetaDMoE")
+        for k, e in enumerate(self.experts):
+            mine = [d for d, g in zip(domains, self.groups) if g == k]
+            if not mine:
+                raise UserError(f"expert {k} has no source domain in groups={self.groups}")
+            if self.config.expert_init == "student":
+                try:
+                    e.load_state_dict(self.student.state_dict())
+                except RuntimeError as err:
+                    raise UserError("expert_init='student' needs experts of the student's architecture; "
+                                    "use MetaDMoEConfig(expert_init='scratch')") from err
+            x, y = torch.cat([d[0] for d in mine]), torch.cat([d[1] for d in mine])
+            dev = self.device
+            e.train()
+            for p in e.parameters():
+                p.requires_grad_(True)
+
+            def loss(b, e=e, x=x, y=y, dev=dev):
+                return F.cross_entropy(e.head(e.features(x[b].to(dev))), y[b].to(dev))
+
+            self._fit(e.parameters(), loss, len(x), self.config.expert_epochs, self.config.expert_lr,
+                      seed * 100 + k, progress, f"expert {k} epoch")
+            e.eval()
+            for p in e.parameters():
+                p.requires_grad_(False)  # frozen feature extractors from now on
+        return self
+
+    def pretrain_aggregator(self, domains: Sequence[Domain], seed: int = 0, progress=None) -> MetaDMoE:
+        """Stage 2: cross-entropy pre-training of the aggregator (+ its head) on all experts' features."""
+        if self.aggregator is None or self.config.teacher != "aggregator":
+            return self
+        if self.aggregator.classifier is None:
+            raise UserError("pretrain_aggregator needs Aggregator(num_classes=...) for its pre-training head")
+        domains = self._domains(domains)
+        x = torch.cat([d[0] for d in domains])
+        y = torch.cat([d[1] for d in domains]).to(self.device)
+        # experts are frozen: compute their tokens once instead of every epoch
+        tokens = torch.cat([self.expert_tokens(x[b].to(self.device)) for b in torch.arange(len(x)).split(512)])
+        a = self.aggregator
+        a.train()
+
+        def loss(b):
+            return F.cross_entropy(a(tokens[b]), y[b])
+
+        self._fit(a.parameters(), loss, len(x), self.config.aggregator_epochs, self.config.aggregator_lr, seed,
+                  progress, "aggregator epoch")
+        a.eval()
+        return self
+
+    def episodes(self, domains: Sequence[Domain], epoch: int, seed: int = 0):
+        """Yield (support_x, query_x, query_y, domain) for one meta-epoch; a pure function of (seed, epoch)."""
+        cfg = self.config
+        g = torch.Generator().manual_seed(seed * 7919 + epoch)
+        need = cfg.support_size + cfg.query_size
+        for i, (x, _) in enumerate(domains):
+            if len(x) < need:
+                raise UserError(f"source domain {i} has {len(x)} images; an episode needs support_size + "
+                                f"query_size = {need}")
+        for _ in range(cfg.episodes_per_epoch):
+            d = int(torch.randint(len(domains), (1,), generator=g))
+            x, y = domains[d]
+            idx = torch.randperm(len(x), generator=g)[:need]
+            s, q = idx[: cfg.support_size], idx[cfg.support_size:]
+            dev = self.device
+            yield x[s].to(dev), x[q].to(dev), y[q].to(dev), d
+
+    def meta_train(self, domains: Sequence[Domain], seed: int = 0, progress=None, start_epoch: int = 0,
+                   optimizers=None, on_epoch_end: Callable | None = None) -> list[dict]:
+        """Stage 4: `meta_epochs` epochs of one-domain episodes; returns per-epoch mean losses.
+
+        `on_epoch_end(epoch, optimizers)` may checkpoint or select; resume with `start_epoch` and the
+        saved optimizers.
+        """
+        domains = self._domains(domains)
+        if len(domains) != len(self.groups):
+            raise UserError(f"got {len(domains)} source domains but groups cover {len(self.groups)}")
+        cfg = self.config
+        for e in self.experts:
+            for p in e.parameters():
+                p.requires_grad_(False)
+        if optimizers is None:
+            optimizers = self.meta_optimizers(cfg.lr_decay ** start_epoch)
+        for epoch in range(start_epoch, cfg.meta_epochs):
+            eps = self.episodes(domains, epoch, seed)
+            rows = [self.meta_step(*ep, optimizers) for ep in (progress(eps, desc=f"meta epoch {epoch + 1}",
+                                                                       total=cfg.episodes_per_epoch)
+                                                             if progress else eps)]
+            summary = {"epoch": epoch + 1, **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}}
+            self.history.append(summary)
+            for o in optimizers:
+                for group in o.param_groups:
+                    group["lr"] *= cfg.lr_decay
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, optimizers)
+        return self.history

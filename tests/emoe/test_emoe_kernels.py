@@ -1,0 +1,199 @@
+"""Every sparse EMoE execution path equals the masked reference, forward and backward (spec §7.4)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transferlab.core.errors import UserError
+from transferlab.emoe import kernels
+from transferlab.emoe.kernels import expert_ffn, padded_width, route
+
+CPU_IMPLS = ["gather", "grouped_mm"]
+TOL = {torch.float32: (2e-5, 1e-4), torch.float64: (1e-10, 1e-10), torch.bfloat16: (2e-2, 2e-2),
+       torch.float16: (2e-3, 2e-3)}
+
+
+def make(T, d, d_ff, N, k, *, bias=True, glu=False, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(True)
+
+    x = r(T, d)
+    w_in, w_out = r(d_ff, d, scale=d ** -0.5), r(d, d_ff, scale=d_ff ** -0.5)
+    b_in = r(d_ff, scale=0.1) if bias else None
+    w_gate = r(d_ff, d, scale=d ** -0.5) if glu else None
+    # distinct experts per token, like top-k; some experts may get no token at all
+    idx = torch.rand(T, N, generator=g).argsort(1)[:, :k].to(device)
+    return x, w_in, b_in, w_out, idx, w_gate
+
+
+def run(impl, x, w_in, b_in, w_out, idx, w_gate, N, act, grad):
+    leaves = [t for t in (x, w_in, b_in, w_out, w_gate) if t is not None]
+    for t in leaves:
+        t.grad = None
+    y = expert_ffn(x, w_in, b_in, w_out, idx, N, act, w_glu_gate=w_gate, impl=impl)
+    y.backward(grad)
+    return y.detach().clone(), [t.grad.clone() for t in leaves]
+
+
+def assert_same(impl, T, d, d_ff, N, k, *, bias=True, glu=False, dtype=torch.float32, act=F.gelu, device="cpu"):
+    x, w_in, b_in, w_out, idx, w_gate = make(T, d, d_ff, N, k, bias=bias, glu=glu, dtype=dtype, device=device)
+    grad = torch.randn(T, d, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    y_ref, g_ref = run("masked", x, w_in, b_in, w_out, idx, w_gate, N, act, grad)
+    y, gs = run(impl, x, w_in, b_in, w_out, idx, w_gate, N, act, grad)
+    assert y.dtype == y_ref.dtype and y.shape == (T, d)
+    atol, rtol = TOL[dtype]
+    scale = y_ref.abs().max().item()
+    torch.testing.assert_close(y, y_ref, atol=atol * max(1.0, scale), rtol=rtol)
+    names = ["x", "w_in", "b_in", "w_out", "w_glu_gate"]
+    names = [n for n, t in zip(names, (x, w_in, b_in, w_out, w_gate)) if t is not None]
+    for n, a, b in zip(names, gs, g_ref):
+        s = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, atol=atol * s, rtol=rtol, msg=lambda m, n=n: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("bias,glu", [(True, False), (False, False), (False, True), (True, True)])
+def test_sparse_equals_masked_fp32(impl, bias, glu):
+    act = F.silu if glu else F.gelu
+    assert_same(impl, T=50, d=32, d_ff=128, N=8, k=2, bias=bias, glu=glu, act=act)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("N,k", [(4, 1), (4, 4), (16, 3)])
+def test_sparse_equals_masked_odd_width_and_k_extremes(impl, N, k):
+    # expert width 172 (Llama-2-7B's 11008/64): not a multiple of 8 or 16, so grouped_mm must pad
+    assert_same(impl, T=24, d=16, d_ff=172 * N, N=N, k=k, glu=True, act=F.silu)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_sparse_equals_masked_bf16(impl):
+    # bf16 rows of width 172 are 344 bytes: misaligned for the grouped GEMM without padding
+    assert_same(impl, T=40, d=32, d_ff=172 * 4, N=4, k=2, dtype=torch.bfloat16, act=F.gelu)
+
+
+def test_gather_float64_tight_and_nonsmooth_activation():
+    # float64 isolates the algorithm from rounding; relu checks the recomputed activation backward
+    assert_same("gather", T=30, d=8, d_ff=48, N=6, k=3, dtype=torch.float64, act=F.relu)
+
+
+def test_unused_experts_get_zero_grad_and_frozen_weights_get_none():
+    x, w_in, b_in, w_out, idx, _ = make(20, 8, 64, 8, 2)
+    idx = torch.randint(0, 2, (20, 1)).repeat(1, 2)
+    idx[:, 1] = 5  # experts {0,1,5} only
+    w_out.requires_grad_(False)
+    y = expert_ffn(x, w_in, b_in, w_out, idx, 8, F.gelu, impl="gather")
+    y.sum().backward()
+    assert w_out.grad is None
+    rows_used = torch.zeros(64, dtype=torch.bool)
+    for e in (0, 1, 5):
+        rows_used[e * 8:(e + 1) * 8] = True
+    assert w_in.grad[~rows_used].abs().max() == 0 and w_in.grad[rows_used].abs().max() > 0
+    assert b_in.grad[~rows_used].abs().max() == 0
+
+
+def test_route_segments_are_contiguous_and_complete():
+    idx = torch.tensor([[2, 0], [1, 2], [2, 3]])
+    rt = route(idx, 5)
+    assert rt.counts.tolist() == [1, 1, 3, 1, 0]
+    assert rt.sorted_expert.tolist() == [0, 1, 2, 2, 2, 3]
+    assert rt.tok.tolist() == [0, 1, 0, 1, 2, 2]  # stable: tokens in order inside a segment
+    assert torch.equal(idx.reshape(-1)[rt.order], rt.sorted_expert)
+
+
+def test_padded_width():
+    assert padded_width(172, torch.bfloat16) == 176
+    assert padded_width(176, torch.bfloat16) == 176
+    assert padded_width(172, torch.float32) == 172
+    assert padded_width(1, torch.float32) == 4
+
+
+def test_auto_matches_masked_and_picks_sparse_on_cpu():
+    x = torch.randn(256, 16)
+    assert kernels.choose_impl(x, 16, 4) == "gather"
+    assert kernels.choose_impl(x, 16, 16) == "masked"
+    assert kernels.choose_impl(x[:2], 16, 4) == "masked"  # tiny batch: loop overhead dominates
+    assert_same("auto", T=64, d=16, d_ff=64, N=8, k=2)
+
+
+def test_autocast_bf16_casts_like_linear():
+    x, w_in, b_in, w_out, idx, _ = make(32, 16, 64, 4, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = expert_ffn(x, w_in, b_in, w_out, idx, 4, F.gelu, impl="gather")
+        y_ref = expert_ffn(x, w_in, b_in, w_out, idx, 4, F.gelu, impl="masked")
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=3e-2, rtol=3e-2)
+    y.float().sum().backward()
+    assert w_in.grad is not None and w_in.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(impl="fast"), "unknown EMoE execution path"),
+    (dict(num_experts=5), "must divide d_ff"),
+    (dict(expert_idx=torch.zeros(7, 2, dtype=torch.int32)), "int64"),
+    (dict(expert_idx=torch.zeros(7, 9, dtype=torch.int64)), "experts per token"),
+    (dict(x=torch.randn(7, 3)), "shape mismatch"),
+    (dict(w_glu_gate=torch.randn(3, 3)), "w_glu_gate"),
+])
+def test_bad_input_raises_user_error(bad, match):
+    kw = dict(x=torch.randn(7, 4), w_in=torch.randn(8, 4), b_in=None, w_out=torch.randn(4, 8),
+              expert_idx=torch.zeros(7, 2, dtype=torch.int64), num_experts=4, activation=F.gelu)
+    kw.update(bad)
+    with pytest.raises(UserError, match=match):
+        expert_ffn(**kw)
+
+
+def test_mixed_dtypes_raise():
+    with pytest.raises(UserError, match="share one dtype"):
+        expert_ffn(torch.randn(4, 4), torch.randn(8, 4).double(), None, torch.randn(4, 8), torch.zeros(4, 1).long(),
+                   4, F.gelu, impl="gather")
+
+
+def _has_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_triton() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs `triton` and TRITON_INTERPRET=1 (Triton's CPU interpreter)")
+@pytest.mark.parametrize("bias,glu,d_ff,N,k,dtype", [
+    (True, False, 64, 4, 2, torch.float32),
+    (False, True, 172 * 2, 2, 1, torch.float32),  # odd width, k=1
+    (True, True, 16 * 12, 16, 3, torch.float32),  # many experts, some empty
+    (True, False, 4 * 30, 4, 4, torch.float32),  # k=N
+    (True, True, 4 * 20, 4, 2, torch.float16),  # (the 3.x interpreter computes bf16 dots wrongly: fp16 here)
+])
+def test_triton_interpreter_equals_masked(bias, glu, d_ff, N, k, dtype):
+    assert_same("triton", T=37, d=24, d_ff=d_ff, N=N, k=k, bias=bias, glu=glu, dtype=dtype,
+                act=F.silu if glu else F.gelu)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("impl", ["gather", "grouped_mm", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("glu", [False, True])
+def test_cuda_sparse_equals_masked(impl, dtype, glu):
+    if impl == "triton" and not _has_triton():
+        pytest.skip("triton not installed")
+    tol_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    if impl == "grouped_mm" and dtype != torch.bfloat16:
+        pytest.skip("torch._grouped_mm on CUDA is bf16-only in the torch versions we target")
+    x, w_in, b_in, w_out, idx, w_gate = make(512, 64, 172 * 8, 8, 2, glu=glu, dtype=dtype, device="cuda")
+    grad = torch.randn(512, 64, device="cuda", dtype=dtype)
+    act = F.silu if glu else F.gelu
+    y_ref, g_ref = run("masked", x, w_in, b_in, w_out, idx, w_gate, 8, act, grad)
+    y, gs = run(impl, x, w_in, b_in, w_out, idx, w_gate, 8, act, grad)
+    atol, rtol = TOL[tol_dtype]
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=atol * max(1, y_ref.abs().max().item()), rtol=rtol)
+    for a, b in zip(gs, g_ref):
+        torch.testing.assert_close(a.float(), b.float(), atol=atol * max(1, b.abs().max().item()), rtol=rtol)

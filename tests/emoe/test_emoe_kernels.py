@@ -80,6 +80,35 @@ def test_gather_float64_tight_and_nonsmooth_activation():
     assert_same("gather", T=30, d=8, d_ff=48, N=6, k=3, dtype=torch.float64, act=F.relu)
 
 
+@pytest.mark.parametrize("glu", [False, True])
+def test_stochastic_activation_backward_replays_forward(glu):
+    # The EMoE layer passes activations with expert dropout. y is linear in w_out (y = A @ w_out.T), so
+    # <g, y> == <grad w_out, w_out> exactly when backward uses the forward's dropout mask, not a new one;
+    # and grad x must match a finite difference taken with the same masks.
+    x, w_in, b_in, w_out, idx, w_gate = make(64, 16, 96, 6, 2, glu=glu, dtype=torch.float64)
+
+    def act(h):
+        return F.dropout(F.gelu(h), 0.5, True)
+
+    g = torch.randn(64, 16, dtype=torch.float64)
+    torch.manual_seed(3)
+    y = expert_ffn(x, w_in, b_in, w_out, idx, 6, act, w_glu_gate=w_gate, impl="gather")
+    y.backward(g)
+    torch.testing.assert_close((g * y).sum(), (w_out.grad * w_out).sum())
+    # same seed => same masks: a small step along grad x changes <g, y> by <grad x, dx>
+    dx = 1e-6 * torch.randn_like(x)
+    torch.manual_seed(3)
+    y2 = expert_ffn(x.detach() + dx, w_in, b_in, w_out, idx, 6, act, w_glu_gate=w_gate, impl="gather")
+    torch.testing.assert_close((g * (y2 - y)).sum(), (x.grad * dx).sum(), rtol=1e-4, atol=1e-12)
+
+
+def test_no_grad_forward_keeps_no_graph():
+    x, w_in, b_in, w_out, idx, _ = make(40, 8, 32, 4, 2)
+    with torch.no_grad():
+        y = expert_ffn(x, w_in, b_in, w_out, idx, 4, F.gelu, impl="gather")
+    assert not y.requires_grad
+
+
 def test_unused_experts_get_zero_grad_and_frozen_weights_get_none():
     x, w_in, b_in, w_out, idx, _ = make(20, 8, 64, 8, 2)
     idx = torch.randint(0, 2, (20, 1)).repeat(1, 2)
@@ -112,11 +141,12 @@ def test_padded_width():
 
 
 def test_auto_matches_masked_and_picks_sparse_on_cpu():
-    x = torch.randn(256, 16)
-    assert kernels.choose_impl(x, 16, 4) == "gather"
-    assert kernels.choose_impl(x, 16, 16) == "masked"
-    assert kernels.choose_impl(x[:2], 16, 4) == "masked"  # tiny batch: loop overhead dominates
-    assert_same("auto", T=64, d=16, d_ff=64, N=8, k=2)
+    x = torch.randn(4096, 384)
+    assert kernels.choose_impl(x, 16, 4, 1536) == "gather"
+    assert kernels.choose_impl(x, 16, 16, 1536) == "masked"  # k = N: masked is exactly dense
+    assert kernels.choose_impl(x[:8], 16, 4, 1536) == "masked"  # tiny batch: per-expert overhead dominates
+    assert_same("auto", T=1200, d=64, d_ff=512, N=8, k=2)
+    assert kernels.choose_impl(torch.randn(1200, 64), 8, 2, 512) == "gather"  # so the line above ran sparse
 
 
 def test_autocast_bf16_casts_like_linear():
@@ -197,3 +227,23 @@ def test_cuda_sparse_equals_masked(impl, dtype, glu):
     torch.testing.assert_close(y.float(), y_ref.float(), atol=atol * max(1, y_ref.abs().max().item()), rtol=rtol)
     for a, b in zip(gs, g_ref):
         torch.testing.assert_close(a.float(), b.float(), atol=atol * max(1, b.abs().max().item()), rtol=rtol)
+
+
+def test_bench_adapters_match_hf_modules():
+    # the benchmark's BERT / Llama FFN adapters (also run on the GPU machine) compute what the HF modules do
+    transformers = pytest.importorskip("transformers")
+    from transferlab.emoe.bench_layer import _emoe_feed_forward, _emoe_glu_forward
+
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        hidden_dropout_prob=0.0)).eval()
+    layer = bert.encoder.layer[0]
+    h = torch.randn(2, 5, 32)
+    torch.testing.assert_close(_emoe_feed_forward(layer, 4, 4, "gather")(h), layer.feed_forward_chunk(h),
+                               atol=1e-5, rtol=1e-5)
+    llama = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=88, num_hidden_layers=1,
+                                     num_attention_heads=2)
+    mlp = transformers.models.llama.modeling_llama.LlamaMLP(llama)
+    torch.testing.assert_close(_emoe_glu_forward(mlp, 4, 4, "gather")(h), mlp(h), atol=1e-5, rtol=1e-5)
+    y = _emoe_glu_forward(mlp, 4, 1, "gather")(h)  # k < N: sparse, must differ from dense
+    assert y.shape == h.shape and not torch.allclose(y, mlp(h), atol=1e-3)

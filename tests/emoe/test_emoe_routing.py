@@ -15,6 +15,11 @@ def _bert(ff=64):
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
+def _proj():
+    """A fixed random readout: (LayerNorm output)^2 summed would be nearly constant, with ~0 gradient."""
+    return torch.randn(32, generator=torch.Generator().manual_seed(5))
+
+
 def _ids(t=5):
     return torch.randint(1, 50, (1, t), generator=torch.Generator().manual_seed(3))
 
@@ -39,7 +44,7 @@ def test_emoe_gate_no_grad_and_unselected_expert_zero_grad():
     out = model(input_ids=_ids(3)).last_hidden_state  # 3 tokens, k=1: at most 3 of 8 experts used
     x = torch.randn(4, 32, requires_grad=True)
     assert not host.emoe_scores(x, host.intermediate.dense.weight).requires_grad  # gate is outside autograd
-    out.square().sum().backward()
+    out.mul(_proj()).sum().backward()
     load = expert_load(model)[1]
     unused = (load == 0).nonzero().flatten().tolist()
     used = (load > 0).nonzero().flatten().tolist()
@@ -64,7 +69,7 @@ def test_emoe_gate_tracks_live_keys_after_optimizer_step():
     x = torch.randn(3, 32)
     before = host.emoe_scores(x, w).clone()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    model(input_ids=_ids()).last_hidden_state.sum().backward()
+    model(input_ids=_ids()).last_hidden_state.mul(_proj()).sum().backward()
     opt.step()
     after = host.emoe_scores(x, w)
     assert not torch.allclose(before, after)
@@ -100,7 +105,7 @@ def test_emoe_learned_gate_gets_gradient_and_reverts_cleanly():
     keys = list(model.state_dict())
     convert(model, EMoEConfig(num_experts=8, top_k=2, layers=(0,), gate="learned", kmeans_n_init=1))
     host = emoe_layers(model)[0]
-    model(input_ids=_ids()).last_hidden_state.square().sum().backward()
+    model(input_ids=_ids()).last_hidden_state.mul(_proj()).sum().backward()
     assert host.emoe_router.grad is not None and host.emoe_router.grad.abs().sum() > 0
     revert(model)
     assert list(model.state_dict()) == keys
@@ -118,5 +123,5 @@ def test_emoe_official_extras_are_off_by_default_and_work_when_on():
     # capacity 0.5 with k=N drops token-expert pairs, so the output differs from dense even in eval
     assert (model(input_ids=ids).last_hidden_state - ref_model(input_ids=ids).last_hidden_state).abs().max() > 1e-4
     model.train()
-    model(input_ids=ids).last_hidden_state.sum().backward()
+    model(input_ids=ids).last_hidden_state.mul(_proj()).sum().backward()
     assert aux_loss(model).item() > 0

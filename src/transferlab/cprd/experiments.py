@@ -41,17 +41,17 @@ class ScenesConfig:
 
     arms: tuple[str, ...] = field(ARMS, "arms: infonce (ref), kl, rank, cprd, cprd_all")
     seeds: int = field(3, "number of seeds")
-    item_epochs: int = field(2, "epochs of item-classifier pre-training (single items of the training pool)")
-    item_images: int = field(20000, "training-pool images used for item pre-training")
+    item_epochs: int = field(1, "epochs of item-classifier pre-training (single items of the training pool)")
+    item_images: int = field(10000, "training-pool images used for item pre-training")
     train_families: int = field(1500, "training families (base scene + hard variants)")
     val_families: int = field(100, "validation families (held-out training images)")
     test_families: int = field(150, "test families (Fashion-MNIST test images)")
     family_size: int = field(4, "scenes per family: 1 base + (family_size - 1) hard variants")
     n_captions: int = field(3, "captions (paraphrases) per scene")
     teacher_steps: int = field(1500, "teacher ITM training steps")
-    teacher_lr: float = field(1e-3, "teacher AdamW learning rate")
+    teacher_lr: float = field(3e-3, "teacher AdamW learning rate")
     student_steps: int = field(600, "student training steps (same for every arm)")
-    batch_families: int = field(16, "families per student batch (batch = batch_families x family_size)")
+    batch_families: int = field(8, "families per student batch (batch = batch_families x family_size)")
     student_dim: int = field(16, "student embedding dimension (small: the dual encoder must be the weaker model)")
     lr: float = field(2e-3, "student AdamW learning rate")
     k: int = field(8, "CPRD / baseline hard negatives per anchor (reconstructed)")
@@ -85,7 +85,8 @@ def _data(cfg: ScenesConfig, seed: int, engine):
     train = make_scenes(y[tr_pool], cfg.train_families, cfg.family_size, cfg.n_captions, g, unique=False)
     val = make_scenes(y[va_pool], cfg.val_families, cfg.family_size, cfg.n_captions, g)
     test = make_scenes(yt, cfg.test_families, cfg.family_size, cfg.n_captions, torch.Generator().manual_seed(0))
-    feats = item_features(cfg, seed, engine, [x[tr_pool], x[va_pool], xt], y[tr_pool])
+    feats = item_features(cfg, seed, engine, [x[tr_pool], x[va_pool], xt], y[tr_pool],
+                          [train.items, val.items, test.items])
     return (feats[0], train), (feats[1], val), (feats[2], test)
 
 
@@ -101,7 +102,8 @@ def _batch(scenes, n_fam_total: int, cfg, seed: int, step: int):
     return idx, text_idx, pos
 
 
-def item_features(cfg: ScenesConfig, seed: int, engine, pools: list[torch.Tensor], labels: torch.Tensor):
+def item_features(cfg: ScenesConfig, seed: int, engine, pools: list[torch.Tensor], labels: torch.Tensor,
+                  used_items: list[torch.Tensor]):
     """Pre-train the item CNN on single training-pool items (cached per seed); return frozen pool features."""
     cache = None if engine.run_dir is None else engine.run_dir.parent / f"items-seed{seed}.pt"
     torch.manual_seed(seed + 303)
@@ -121,9 +123,14 @@ def item_features(cfg: ScenesConfig, seed: int, engine, pools: list[torch.Tensor
             atomic_torch_save(net.state_dict(), cache)
         engine.wait()
     net.eval()
-    with torch.no_grad():
-        return [torch.cat([net.features(p[i:i + 4096].float().div(255)) for i in range(0, len(p), 4096)])
-                for p in pools]
+    out = []
+    with torch.no_grad():  # features only for the images some scene uses
+        for p, used in zip(pools, used_items):
+            f = torch.zeros(len(p), net.head.in_features)
+            u = used.unique()
+            f[u] = torch.cat([net.features(p[u[i:i + 4096]].float().div(255)) for i in range(0, len(u), 4096)])
+            out.append(f)
+    return out
 
 
 def train_teacher(cfg: ScenesConfig, seed: int, engine, pool, scenes) -> SceneCrossEncoder:

@@ -51,6 +51,7 @@ class StreamConfig:
     eps_corr: float = field(0.0, "[reconstructed] CUBER positive-correlation threshold (cosine)")
     step_rule: str = field("agem", "[reconstructed] CUBER in-subspace step rule: agem, gate, free")
     step_scale: float = field(1.0, "[reconstructed] CUBER in-subspace step scale")
+    scale_regime3: bool = field(True, "[reconstructed] CUBER: Regime-3 old tasks also get TRGP's scaling matrix Q")
     ewc_lam: float = field(100.0, "EWC penalty strength (chosen on validation, see docs/cuber.md)")
     long_epochs: int = field(0, "epochs per task of the gpm_long control arm (0 = 3x epochs)")
     eval_split: Literal["test", "val"] = field("test", "evaluate on test (report) or val (hyperparameter choice)")
@@ -82,7 +83,7 @@ def make_strategy(arm: str, model, cfg, forward=None):
         return TRGP(model, TRGPConfig(**g, eps_proj=cfg.eps_proj), forward)
     if arm == "cuber":
         return CUBER(model, CUBERConfig(**g, eps_proj=cfg.eps_proj, eps_corr=cfg.eps_corr, step_rule=cfg.step_rule,
-                                        step_scale=cfg.step_scale), forward)
+                                        step_scale=cfg.step_scale, scale_regime3=cfg.scale_regime3), forward)
     raise UserError(f"unknown arm {arm!r}")
 
 

@@ -16,7 +16,8 @@ Shared contract (used by `emoe.layer`):
 The sparse paths all start the same way (spec §5, "fastest single-GPU recipe"): the T*k (token, expert)
 pairs are sorted by expert so every expert owns one contiguous segment of rows; then
 
-- `"gather"`: per expert, gather its tokens' rows, two plain matmuls and a scatter-add back. A custom autograd.Function writes weight gradients straight into full-size buffers
+- `"gather"`: per expert, gather its tokens' rows, two plain matmuls and a scatter-add back. A custom
+  autograd.Function writes weight gradients straight into full-size buffers
   (autograd through slices would allocate one full-size zero tensor per expert). Fastest on CPU; works
   anywhere (on CUDA it is N small launches per matmul, the fallback).
 - `"grouped_mm"`: the same segments fed to `torch._grouped_mm` (one launch for all experts). CUDA's kernel
@@ -84,12 +85,36 @@ def route(expert_idx: torch.Tensor, num_experts: int) -> Routing:
     return Routing(order, order // expert_idx.shape[1], sorted_expert, counts)
 
 
-def _act_backward(activation: Callable, pre: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """d activation(pre) / d pre applied to grad, for any callable activation (recomputed, not stored)."""
+class _Act(NamedTuple):
+    """An expert's activations a = act(up) (or act(gate) * up) and, when gradients are needed, the leaves
+    of the small autograd graph that produced them."""
+
+    a: torch.Tensor
+    up: torch.Tensor | None
+    gate: torch.Tensor | None
+
+
+def act_forward(activation: Callable, up: torch.Tensor, gate: torch.Tensor | None, keep: bool) -> _Act:
+    """Apply the activation; with keep=True record its graph so backward replays *this* forward.
+
+    Recomputing the activation in backward would be cheaper, but the EMoE layer passes stochastic
+    activations (the official expert dropout): a recomputation draws a new mask and the gradient would
+    belong to a different function.
+    """
+    if not keep:
+        return _Act(activation(up) if gate is None else activation(gate) * up, None, None)
     with torch.enable_grad():
-        p = pre.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(activation(p), p, grad)
-    return g
+        pu = up.detach().requires_grad_(True)
+        pg = gate.detach().requires_grad_(True) if gate is not None else None
+        a = activation(pu) if pg is None else activation(pg) * pu
+    return _Act(a, pu, pg)
+
+
+def act_backward(saved: _Act, grad_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad wrt up, grad wrt gate or None) from the recorded activation graph."""
+    leaves = [saved.up] if saved.gate is None else [saved.up, saved.gate]
+    grads = torch.autograd.grad(saved.a, leaves, grad_a)
+    return grads[0], (grads[1] if saved.gate is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,42 +130,34 @@ class _GatherExpertFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_in, b_in, w_out, w_gate, tok, counts, m, activation):
+    def forward(ctx, x, w_in, b_in, w_out, w_gate, tok, counts, m, activation, keep):
         T, d = x.shape
         out = x.new_zeros(T, d)
-        ups, gates = [], []
+        acts: list[_Act | None] = []
         st = 0
         for e, c in enumerate(counts):
             te, sl = tok[st:st + c], slice(e * m, (e + 1) * m)
             st += c
             if c == 0:
-                ups.append(None)
-                gates.append(None)
+                acts.append(None)
                 continue
             xe = x.index_select(0, te)
             up = xe @ w_in[sl].t() if b_in is None else torch.addmm(b_in[sl], xe, w_in[sl].t())
-            if w_gate is None:
-                gate, a = None, activation(up)
-            else:
-                gate = xe @ w_gate[sl].t()
-                a = activation(gate) * up
+            gate = xe @ w_gate[sl].t() if w_gate is not None else None
+            act = act_forward(activation, up, gate, keep)
             # w_out[:, sl] is a strided column block: BLAS reads it in place, no copy.
-            out.index_add_(0, te, a @ w_out[:, sl].t())
-            ups.append(up)
-            gates.append(gate)
+            out.index_add_(0, te, act.a.detach() @ w_out[:, sl].t())
+            acts.append(act if keep else None)
         ctx.save_for_backward(x, w_in, b_in, w_out, w_gate, tok)
-        ctx.ups, ctx.gates = ups, gates  # pre-activations: k/N of the dense FFN's
-        ctx.counts, ctx.m, ctx.activation = counts, m, activation
+        ctx.acts, ctx.counts, ctx.m = acts, counts, m  # activations: k/N of what the dense FFN keeps
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, w_in, b_in, w_out, w_gate, tok = ctx.saved_tensors
-        counts, m, act = ctx.counts, ctx.m, ctx.activation
+        counts, m = ctx.counts, ctx.m
         need_x, need_win, need_b, need_wout, need_gate = ctx.needs_input_grad[:5]
-        if not any((need_x, need_win, need_b, need_wout, need_gate)):
-            return (None,) * 9
         g = grad_out.contiguous()
         g_win = torch.zeros_like(w_in) if need_win else None
         g_b = torch.zeros_like(b_in) if need_b else None
@@ -153,18 +170,11 @@ class _GatherExpertFFN(torch.autograd.Function):
             st += c
             if c == 0:
                 continue
-            up, gate = ctx.ups[e], ctx.gates[e]
+            saved = ctx.acts[e]
             ge = g.index_select(0, te)
-            ga = ge @ w_out[:, sl]  # grad wrt the expert's activations a, (c, m)
-            if gate is None:
-                if need_wout:
-                    g_wout[:, sl] = ge.t() @ act(up)
-                g_up, g_g = _act_backward(act, up, ga), None
-            else:
-                act_g = act(gate)
-                if need_wout:
-                    g_wout[:, sl] = ge.t() @ (act_g * up)
-                g_up, g_g = ga * act_g, _act_backward(act, gate, ga * up)
+            if need_wout:
+                g_wout[:, sl] = ge.t() @ saved.a.detach()
+            g_up, g_g = act_backward(saved, ge @ w_out[:, sl])
             if need_win or need_gate:
                 xe = x.index_select(0, te)
                 if need_win:
@@ -178,16 +188,21 @@ class _GatherExpertFFN(torch.autograd.Function):
                 if g_g is not None:
                     gxe.addmm_(g_g, w_gate[sl])
                 g_x.index_add_(0, te, gxe)
-        ctx.ups = ctx.gates = None
-        return g_x, g_win, g_b, g_wout, g_gate, None, None, None, None
+        ctx.acts = None
+        return g_x, g_win, g_b, g_wout, g_gate, None, None, None, None, None
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 def gather_expert_ffn(x, w_in, b_in, w_out, expert_idx, num_experts: int, activation: Callable,
                       w_glu_gate=None, routing: Routing | None = None) -> torch.Tensor:
     rt = routing if routing is not None else route(expert_idx, num_experts)
     counts = rt.counts.tolist()  # host sync on CUDA; the per-expert loop needs the segment sizes
+    keep = _needs_grad(x, w_in, b_in, w_out, w_glu_gate)
     return _GatherExpertFFN.apply(x, w_in, b_in, w_out, w_glu_gate, rt.tok, counts,
-                                  w_in.shape[0] // num_experts, activation)
+                                  w_in.shape[0] // num_experts, activation, keep)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,12 +275,13 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-def choose_impl(x: torch.Tensor, num_experts: int, k: int) -> str:
+def choose_impl(x: torch.Tensor, num_experts: int, k: int, d_ff: int) -> str:
     """The path "auto" takes. Measured on CPU (docs/emoe_performance.md); the CUDA rule is provisional.
 
     - k == N: every neuron is used, so the masked path is exactly the dense FFN; sparse paths only add work.
-    - CPU: "gather" (2.8x dense forward at MiniLM size, k/N = 1/4) unless the batch is so small that the
-      per-expert Python loop dominates.
+    - CPU: "gather" (about 3x dense forward at MiniLM size, k/N = 1/4) once each expert's matmul has at
+      least ~1M multiply-adds (rows per expert * width * d); below that the ~10 ATen calls per expert cost more
+      than the FLOPs they save (measured break-even: 16-64 rows per expert at d = 384, width 96-24).
     - CUDA: "grouped_mm" in bf16 on Hopper or newer (the only kernel torch documents as fast), else "gather".
       "triton" is never chosen automatically until it has been validated on a GPU.
     Override with the environment variable TRANSFERLAB_EMOE_IMPL.
@@ -284,9 +300,8 @@ def choose_impl(x: torch.Tensor, num_experts: int, k: int) -> str:
                 and ("grouped_mm", "cuda", x.dtype) not in _BROKEN):
             return "grouped_mm"
         return "gather"
-    # CPU: below ~1 k routed rows per expert... the loop's fixed cost (~20 us per expert op) loses to
-    # one dense matmul only for tiny batches.
-    if x.shape[0] * k < 8 * num_experts:
+    rows_per_expert = x.shape[0] * k / num_experts
+    if rows_per_expert * (d_ff // num_experts) * x.shape[1] < 2 ** 20:
         return "masked"
     return "gather"
 
@@ -320,7 +335,7 @@ def expert_ffn(x, w_in, b_in, w_out, expert_idx, num_experts: int, activation: C
         return masked_expert_ffn(x, w_in, b_in, w_out, expert_idx, num_experts, activation, w_glu_gate)
     auto = impl == "auto"
     if auto:
-        impl = choose_impl(x, num_experts, expert_idx.shape[1])
+        impl = choose_impl(x, num_experts, expert_idx.shape[1], w_in.shape[0])
         if impl == "masked":
             return masked_expert_ffn(x, w_in, b_in, w_out, expert_idx, num_experts, activation, w_glu_gate)
     # The sparse paths run outside autocast (custom Functions and _grouped_mm do not cast for themselves), so

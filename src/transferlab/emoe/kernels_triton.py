@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import _act_backward, route
+from .kernels import _needs_grad, act_backward, act_forward, route
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
 
@@ -178,7 +178,7 @@ def _out_strides(g: torch.Tensor, m: int, rows_are_neurons: bool, neuron_first: 
 
 class _TritonExpertFFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_in, b_in, w_out, w_gate, expert_idx, N, activation):
+    def forward(ctx, x, w_in, b_in, w_out, w_gate, expert_idx, N, activation, keep):
         T, d = x.shape
         k = expert_idx.shape[1]
         m = w_in.shape[0] // N
@@ -192,20 +192,19 @@ class _TritonExpertFFN(torch.autograd.Function):
         if w_gate is not None:
             gate = _gather_mm(x, rt.tok, w_gate, _expert_view(w_gate, m, True, "model"), None, x.new_empty(R, m),
                               None, blocks, d, m)
-            a = activation(gate) * up
-        else:
-            a = activation(up)
+        act = act_forward(activation, up, gate, keep)  # graph kept: stochastic activations replay exactly
+        a = act.a.detach()
         y = _gather_mm(a, None, w_out, _expert_view(w_out, m, False, "neuron"), None, x.new_empty(R, d), rt.order,
                        blocks, m, d)
-        ctx.save_for_backward(x, w_in, b_in, w_out, w_gate, rt.tok, rt.order, rt.sorted_expert, up, gate)
-        ctx.blocks, ctx.N, ctx.k, ctx.activation = blocks, N, k, activation
+        ctx.save_for_backward(x, w_in, b_in, w_out, w_gate, rt.tok, rt.order, rt.sorted_expert)
+        ctx.act, ctx.blocks, ctx.N, ctx.k = act, blocks, N, k
         return y.view(T, k, d).sum(1, dtype=torch.float32).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, w_in, b_in, w_out, w_gate, tok, order, sorted_expert, up, gate = ctx.saved_tensors
-        blocks, N, k, act = ctx.blocks, ctx.N, ctx.k, ctx.activation
+        x, w_in, b_in, w_out, w_gate, tok, order, sorted_expert = ctx.saved_tensors
+        blocks, N, k, act = ctx.blocks, ctx.N, ctx.k, ctx.act
         need_x, need_win, need_b, need_wout, need_gate = ctx.needs_input_grad[:5]
         T, d = x.shape
         m = w_in.shape[0] // N
@@ -214,13 +213,9 @@ class _TritonExpertFFN(torch.autograd.Function):
         # grad wrt the activations: g[tok] @ W_out_e, read through the token index (fused gather)
         ga = _gather_mm(g, tok, w_out, _expert_view(w_out, m, False, "model"), None, g.new_empty(R, m), None,
                         blocks, d, m)
-        if gate is None:
-            a = act(up)
-            g_up, g_g = _act_backward(act, up, ga), None
-        else:
-            act_g = act(gate)
-            a = act_g * up
-            g_up, g_g = ga * act_g, _act_backward(act, gate, ga * up)
+        a = act.a.detach()
+        g_up, g_g = act_backward(act, ga)
+        ctx.act = None
         g_x = g_win = g_b = g_wout = g_gate = None
         if need_wout:
             g_wout = torch.empty_like(w_out)
@@ -242,8 +237,9 @@ class _TritonExpertFFN(torch.autograd.Function):
                 gx += _gather_mm(g_g, None, w_gate, _expert_view(w_gate, m, True, "neuron"), None, x.new_empty(R, d),
                                  order, blocks, m, d).view(T, k, d).sum(1, dtype=torch.float32)
             g_x = gx.to(x.dtype)
-        return g_x, g_win, g_b, g_wout, g_gate, None, None, None
+        return g_x, g_win, g_b, g_wout, g_gate, None, None, None, None
 
 
 def triton_expert_ffn(x, w_in, b_in, w_out, expert_idx, num_experts, activation, w_glu_gate=None):
-    return _TritonExpertFFN.apply(x, w_in, b_in, w_out, w_glu_gate, expert_idx, num_experts, activation)
+    keep = _needs_grad(x, w_in, b_in, w_out, w_glu_gate)
+    return _TritonExpertFFN.apply(x, w_in, b_in, w_out, w_glu_gate, expert_idx, num_experts, activation, keep)

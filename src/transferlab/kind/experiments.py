@@ -269,7 +269,7 @@ def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
     metrics.update({
         "fid_floor": ev.frechet_distance(f_test, f_floor),
         "judge_acc": 100 * (judge_pred == torch.tensor(cfg.target_classes)[yte]).float().mean().item(),
-        "heldout_mse": ev.heldout_mse(model, diffusion, xte[:2000], yte[:2000], engine.device),
+        "heldout_mse": ev.heldout_mse(model, diffusion, xte[:1000], yte[:1000], engine.device),
         "trainable_params": float(trainable),
         "mflops": 1000 * ev.gflops_per_sample(model, engine.device, 0),
         "lr": lr, "val_fid": val_fid, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
@@ -281,11 +281,16 @@ def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
     return metrics
 
 
-_FULL = {"seeds": 3}
-_QUICK = {"seeds": 2, "patch": 7, "width": 64, "depth": 4, "heads": 4, "batch_size": 64,
-          "source_per_class": 1000, "pretrain_steps": 300, "transfer_steps": 150, "lrs": (1e-3,),
-          "n_learngene": 32, "n_tailor": 32, "ddim_steps": 20, "samples_per_class": 100, "val_per_class": 50,
-          "test_per_class": 300, "judge_per_class": 500, "judge_epochs": 2, "checkpoint_every": 100}
+# full: sized (by estimate, not measured) for one H100 in about 10 minutes for all arms and seeds
+_FULL = {"seeds": 3, "pretrain_steps": 4000, "transfer_steps": 1000, "lrs": (3e-4, 1e-3)}
+_SMALL = {"patch": 7, "width": 64, "depth": 4, "heads": 4, "batch_size": 64, "n_learngene": 32, "n_tailor": 32}
+# quick: the CPU demo; checks the pipeline end to end, samples are not expected to be meaningful
+_QUICK = {**_SMALL, "seeds": 2, "source_per_class": 1000, "pretrain_steps": 200, "transfer_steps": 100,
+          "lrs": (1e-3,), "ddim_steps": 20, "samples_per_class": 100, "val_per_class": 50, "test_per_class": 300,
+          "judge_per_class": 300, "judge_epochs": 2, "checkpoint_every": 100}
+# medium: the largest run that fits a CPU in under an hour (3 seeds); one preset LR, not tuned
+_MEDIUM = {**_SMALL, "seeds": 3, "pretrain_steps": 2000, "transfer_steps": 500, "lrs": (1e-3,), "ddim_steps": 25,
+           "samples_per_class": 200, "judge_per_class": 1000, "judge_epochs": 2, "checkpoint_every": 250}
 
 register_experiment(
     "kind-fmnist", config=KindFmnistConfig, reference="kind",
@@ -293,7 +298,7 @@ register_experiment(
              "mflops"),
     description="KIND: DiT pre-trained on 6 Fashion-MNIST classes, few-shot (100/class) transfer to 4 held-out "
                 "classes; KIND vs full fine-tuning, LoRA, SVDiff, scratch, no-gate ablation",
-    profiles={"quick": _QUICK, "full": _FULL}, plot=plot_kind,
+    profiles={"quick": _QUICK, "medium": _MEDIUM, "full": _FULL}, plot=plot_kind,
 )(kind_fmnist)
 
 register_experiment(
@@ -301,7 +306,8 @@ register_experiment(
     metrics=("fmnist_fid", "class_acc", "precision", "recall", "fid_floor", "heldout_mse", "trainable_params",
              "mflops"),
     description="KIND on Fashion-MNIST 6 -> 4 classes with every training image of the target classes",
-    profiles={"quick": {**_QUICK, "target_per_class": 1000}, "full": {**_FULL, "target_per_class": 5800}},
+    profiles={"quick": {**_QUICK, "target_per_class": 1000}, "medium": {**_MEDIUM, "target_per_class": 5800},
+              "full": {**_FULL, "target_per_class": 5800}},
     plot=plot_kind,
 )(kind_fmnist)
 

@@ -19,14 +19,20 @@ ROTATIONS = (0, 15, 30, 45, 60, 75)
 CORRUPTIONS = ("clean", "noise", "blur", "contrast", "inversion", "tint")
 
 
-def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate [N, C, H, W] images counter-clockwise about their centre (bilinear, zero fill)."""
+def rotate(x: torch.Tensor, degrees: float, mode: str = "bilinear") -> torch.Tensor:
+    """Rotate [N, C, H, W] images counter-clockwise about their centre (zero fill).
+
+    `mode="bilinear"` (DomainBed) also blurs every rotated domain but not 0 deg, which on Fashion-MNIST's
+    fine textures is a shift of its own; "nearest" moves pixels without blurring them.
+    """
+    if mode not in ("bilinear", "nearest"):
+        raise UserError(f"rotation mode must be 'bilinear' or 'nearest', got {mode!r}")
     if degrees == 0:
         return x.clone()
     t = math.radians(degrees)
     theta = torch.tensor([[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0]], dtype=x.dtype)
     grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -78,7 +84,8 @@ def shard_indices(seed: int, k: int, n_train_total: int, per_train: int, n_test_
     return [(ptr[d * per_train: (d + 1) * per_train], pte[d * per_test: (d + 1) * per_test]) for d in range(k)]
 
 
-def make_domains(family: str, seed: int, n_train: int, n_val: int, n_test: int, data_path=None):
+def make_domains(family: str, seed: int, n_train: int, n_val: int, n_test: int, data_path=None,
+                 rotation_mode: str = "bilinear"):
     """Per domain: (train (x, y), val (x, y), test (x, y)), from disjoint shards of Fashion-MNIST.
 
     Train/val shards come from the Fashion-MNIST training split, test shards from its test split;
@@ -101,7 +108,7 @@ def make_domains(family: str, seed: int, n_train: int, n_val: int, n_test: int, 
 
         def make(idx, x_all, y_all, name=name, gd=gd):
             x = x_all[idx].float().div(255).unsqueeze(1)
-            x = rotate(x, name) if family == "rotated" else corrupt(x, name, gd)
+            x = rotate(x, name, rotation_mode) if family == "rotated" else corrupt(x, name, gd)
             return x, y_all[idx].clone()
 
         train, test = make(tr, xtr, ytr), make(te, xte, yte)

@@ -226,6 +226,27 @@ def test_split_experiment_multihead_cnn(tmp_path):
 
     over = {"n_train": 20, "n_test": 20, "epochs": 1, "arms": ("gpm", "multitask"), "n_samples": (4, 4, 8)}
     out = run_experiment("cuber-split-fmnist", "quick", seeds=1, overrides=over, out=tmp_path)
-    rows = {json.loads(line)["arm"]: json.loads(line)["metrics"] for line in (out / "results.jsonl").read_text().splitlines()}
+    lines = (out / "results.jsonl").read_text().splitlines()
+    rows = {json.loads(line)["arm"]: json.loads(line)["metrics"] for line in lines}
     assert len(rows["gpm"]["R"]) == 5 and rows["gpm"]["basis_dims"]["body.0"] > 0
     assert len(rows["multitask"]["R"]) == 1
+
+
+def test_cuber_trust_radius_bounds_the_in_subspace_move():
+    x, y = task_data(5)
+    torch.manual_seed(0)
+    model = mlp()
+    strat = CUBER(model, CUBERConfig(thresholds=(0.99,), eps_proj=0.0, eps_corr=-1.0, step_rule="free",
+                                     trust_radius=0.05))
+    fit(model, strat, [(x, y)], steps=5)
+    strat.before_task(1, [(x, y)])
+    B, _ = strat.positive["0"]
+    w0 = model[0].weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(200):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        strat.after_backward(model)
+        opt.step()
+    moved = ((model[0].weight.detach() - w0) @ B).norm()
+    assert 0 < moved <= 0.05 * (w0 @ B).norm() * 1.01

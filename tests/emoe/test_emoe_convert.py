@@ -131,3 +131,33 @@ def test_emoe_minilm_topk_equals_n_is_dense():
         convert(model, EMoEConfig(num_experts=16, top_k=16, layers="all", kmeans_n_init=1))
         out = model(**batch).last_hidden_state
     assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_emoe_minilm_random_split_topk_equals_n_is_dense():
+    """The real MiniLM (all 6 layers, a non-trivial permutation each) at k == N equals dense."""
+    from transformers import AutoModel
+
+    from transferlab.data import minilm_path
+
+    model = AutoModel.from_pretrained(minilm_path()).eval()
+    ids = torch.tensor([[101, 3899, 1024, 1037, 4968, 2094, 102]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+        convert(model, EMoEConfig(num_experts=16, top_k=16, layers="all", split="random"))
+        out = model(input_ids=ids).last_hidden_state
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_emoe_cuda_topk_equals_n_is_dense_and_revert_bitwise(arch):
+    model = ARCHS[arch]().cuda().eval()
+    inputs = {k: v.cuda() for k, v in _inputs(arch).items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = _out(model, inputs)
+        convert(model, EMoEConfig(num_experts=8, top_k=8, layers="all", kmeans_n_init=1))
+        assert (_out(model, inputs) - ref).abs().max().item() <= 1e-5
+    revert(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from transferlab.emoe import EMoEConfig, avg_k_gate, aux_loss, convert, emoe_layers, expert_load, revert
+from transferlab.emoe import EMoEConfig, aux_loss, avg_k_gate, convert, emoe_layers, expert_load, revert
 
 transformers = pytest.importorskip("transformers")
 
@@ -119,9 +119,19 @@ def test_emoe_official_extras_are_off_by_default_and_work_when_on():
                               aux_loss_weight=0.01, gate_noise=1.0, expert_dropout=0.1))
     model.eval()
     ref_model = _bert().eval()
-    ids = _ids(8)
-    # capacity 0.5 with k=N drops token-expert pairs, so the output differs from dense even in eval
+    ids = _ids(16)
+    # every token picks every expert (k = N), capacity k*floor(0.5*ceil(16/8)) = 8 < 16 pairs per expert:
+    # tokens 8..15 lose all pairs, so the output differs from dense even in eval (no dropout, no noise)
     assert (model(input_ids=ids).last_hidden_state - ref_model(input_ids=ids).last_hidden_state).abs().max() > 1e-4
     model.train()
     model(input_ids=ids).last_hidden_state.mul(_proj()).sum().backward()
     assert aux_loss(model).item() > 0
+
+
+def test_emoe_capacity_drops_overflow_pairs_in_token_order():
+    from transferlab.emoe.layer import _capacity_keep
+
+    idx = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]])
+    keep = _capacity_keep(idx, 4, 1.0)  # capacity = k * floor(1.0 * ceil(4 / 4)) = 2 pairs per expert
+    assert keep.tolist() == [[1, 1], [1, 1], [0, 0], [0, 0]]
+    assert _capacity_keep(idx, 4, 2.0).sum().item() == 8  # capacity 4: nothing dropped

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from transferlab.core.errors import UserError
@@ -77,7 +76,7 @@ def test_mixed_class_batch_equals_per_sample_runs(compute):
     labels = torch.tensor([2, 0, 3, 1, 2])  # 3 = null label -> learngenes only
     x = torch.randn(5, 4, 12, dtype=torch.float64)
     mixed = _with_context(layer, labels, table)(x)
-    for b, c in enumerate(labels):
+    for b in range(len(labels)):
         single = _with_context(layer, labels[b:b + 1], table)(x[b:b + 1])
         torch.testing.assert_close(mixed[b:b + 1], single, atol=1e-10, rtol=0)
     # the null label gets exactly the learngene-only layer

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from transferlab.core.errors import UserError
-from transferlab.kind import KindConfig, KindLinear, convert, kind_stats, load_learngenes, merge, save_learngenes, transfer
+from transferlab.kind import KindConfig, KindLinear, convert, kind_stats, load_learngenes, merge, save_learngenes
+from transferlab.kind import transfer as kind_transfer
 from transferlab.kind.model import TRAINABLE_GROUPS, fit
 from transferlab.nn.diffusion import Diffusion
 from transferlab.nn.dit import DiT
@@ -41,7 +42,7 @@ def test_converted_dit_at_full_rank_reproduces_the_dense_forward():
 def test_transfer_freezes_learngenes_bit_for_bit_and_trains_tailors():
     model = convert(_dit(), KindConfig(n_learngene=8, n_tailor=8))
     genes = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("U_g", "s_g", "V_g"))}
-    report = transfer(model, new_classes=2, train=("label_embed",))
+    report = kind_transfer(model, new_classes=2, train=("label_embed",))
     tailors = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("U_t", "s_t", "V_t"))}
     labels = model.y_embed.weight.detach().clone()
     label_params = sum(p.numel() for n, p in model.named_parameters()
@@ -88,7 +89,7 @@ def test_learngene_save_load_round_trip(tmp_path):
     torch.manual_seed(123)
     dst = convert(DiT(image_size=8, patch=4, width=16, depth=2, heads=2, num_classes=3), cfg)
     load_learngenes(dst, tmp_path / "genes.pt")
-    for (n, p), (n2, q) in zip(src.named_parameters(), dst.named_parameters()):
+    for (n, p), (_, q) in zip(src.named_parameters(), dst.named_parameters()):
         if n.endswith(("U_g", "s_g", "V_g")):
             assert torch.equal(p, q), n
     # the null label uses learngenes only, so with the dense parts loaded the outputs agree exactly

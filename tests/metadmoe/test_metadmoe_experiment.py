@@ -55,7 +55,8 @@ def test_quick_experiment_runs_end_to_end_and_resumes(tmp_path):
     for r in rows:
         assert 0 <= r["metrics"]["acc_avg"] <= 100 and r["metrics"]["acc_avg"] == r["metrics"]["acc_d5"]
     by_arm = {r["arm"]: r["metrics"] for r in rows}
-    assert by_arm["tent"]["lr_d5"] == 1e-3 and "meta_loss_after_d5_a0.01" in by_arm["metadmoe"]
+    assert by_arm["tent"]["lr_d5"] in (1e-3, 1e-2, 1e-1) and "meta_loss_after_d5_a0.001" in by_arm["metadmoe"]
+    assert "acc_noadapt_d5" in by_arm["metadmoe"] and "acc_noadapt_d5" not in by_arm["adapt_no_meta"]
     assert (out / "table.md").exists() and "Protocol and caveats" in (out / "notes.md").read_text()
     run_experiment("metadmoe-rotated-fmnist", "quick", overrides=over, out=tmp_path, engine=engine)
     assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)  # nothing re-run

@@ -53,6 +53,25 @@ def negative_mask(positive_mask: torch.Tensor, candidate_mask: torch.Tensor | No
     return neg
 
 
+def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise top-k (values, indices), sorted descending; exact, and ~2x faster than `topk` on CPU.
+
+    Why: CPU `torch.topk` costs ~40 us per row of 512 at k=16 -- the largest part of CPRD's overhead.
+    Two stages: the k groups (of g columns) with the largest maxima must contain the k largest
+    entries (each such entry's group has a max >= the k-th largest value, and at most k groups do),
+    so a top-k over the group maxima and then over those k*g candidates gives the exact answer.
+    """
+    n, c = x.shape
+    g = 8
+    if x.device.type != "cpu" or c < 4 * g * k or c % g:
+        return x.topk(k, dim=1)
+    gmax = x.view(n, c // g, g).amax(2)
+    groups = gmax.topk(k, dim=1).indices  # [n, k]
+    cols = (groups[:, :, None] * g + torch.arange(g, device=x.device)).reshape(n, k * g)
+    vals, pos = x.gather(1, cols).topk(k, dim=1)
+    return vals, cols.gather(1, pos)
+
+
 def mine_hard_negatives(student_sim: torch.Tensor, positive_mask: torch.Tensor, k: int | None,
                         candidate_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's K most similar non-positive candidates per anchor.
@@ -71,8 +90,9 @@ def mine_hard_negatives(student_sim: torch.Tensor, positive_mask: torch.Tensor, 
     _check_matrix("positive_mask", positive_mask, student_sim.shape)
     if candidate_mask is not None:
         _check_matrix("candidate_mask", candidate_mask, student_sim.shape)
-    neg = negative_mask(positive_mask, candidate_mask)
-    n_neg = neg.sum(1)
+    pos = positive_mask.bool()
+    blocked = pos if candidate_mask is None else pos | ~candidate_mask.bool()
+    n_neg = blocked.shape[1] - blocked.sum(1)
     if k is None:
         k = int(n_neg.max().item())
     else:
@@ -85,9 +105,9 @@ def mine_hard_negatives(student_sim: torch.Tensor, positive_mask: torch.Tensor, 
                             f"lower k to at most {few} or use a larger batch / candidate pool")
     if k < 1:
         raise UserError("no negatives to mine: every candidate is a positive or masked out")
-    scores = student_sim.detach().masked_fill(~neg, float("-inf"))
-    top = scores.topk(k, dim=1)  # sorted, largest first
-    return top.indices, torch.isfinite(top.values)
+    scores = student_sim.detach().masked_fill(blocked, float("-inf"))
+    values, indices = topk_rows(scores, k)  # sorted, largest first
+    return indices, torch.isfinite(values)
 
 
 def valid_prefix(t_sorted: torch.Tensor, available: torch.Tensor, rule: str = "all",
@@ -114,6 +134,19 @@ def valid_prefix(t_sorted: torch.Tensor, available: torch.Tensor, rule: str = "a
     raise UserError(f"unknown validity rule {rule!r}; choose from {', '.join(VALID_RULES)}")
 
 
+def suffix_logsumexp(s: torch.Tensor) -> torch.Tensor:
+    """lse[:, j] = log sum_{k >= j} exp(s[:, k]), exact and stable.
+
+    Why two paths: for short lists a masked [A, K, K] logsumexp is several times faster on CPU than
+    `logcumsumexp` (whose backward is costly); long lists (CPRD over all negatives) use `logcumsumexp`.
+    """
+    k = s.shape[1]
+    if k > 64:
+        return torch.logcumsumexp(s.flip(1), dim=1).flip(1)
+    upper = torch.ones(k, k, dtype=torch.bool, device=s.device).triu()  # [j, k]: k >= j
+    return torch.logsumexp(s[:, None, :].masked_fill(~upper, _NEG), dim=2)
+
+
 def partial_ranking_nll(s: torch.Tensor, t: torch.Tensor, *, valid: str = "all", valid_param: float | None = None,
                         available: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """Truncated Plackett-Luce NLL of the teacher's order of each row's candidates.
@@ -136,8 +169,7 @@ def partial_ranking_nll(s: torch.Tensor, t: torch.Tensor, *, valid: str = "all",
     t_sorted = t.gather(1, order)
     avail_sorted = available.gather(1, order)
     s_sorted = torch.where(avail_sorted, s_sorted, torch.full_like(s_sorted, _NEG))
-    # suffix logsumexp: lse[:, j] = log sum_{k >= j} exp(s_k)
-    lse = torch.logcumsumexp(s_sorted.flip(1), dim=1).flip(1)
+    lse = suffix_logsumexp(s_sorted)
     terms = lse - s_sorted
     j_star = valid_prefix(t_sorted, avail_sorted, valid, valid_param)
     n_avail = avail_sorted.sum(1)

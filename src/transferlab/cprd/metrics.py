@@ -43,7 +43,8 @@ def retrieval_metrics(sim: torch.Tensor, text_to_image: torch.Tensor, ks=(1, 5, 
         raise UserError(f"sim must be [n_images, n_texts], got shape {tuple(sim.shape)}")
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=sim.device)
     if text_to_image.shape != (sim.shape[1],):
-        raise UserError(f"text_to_image must have one entry per text ({sim.shape[1]}), got {tuple(text_to_image.shape)}")
+        raise UserError(f"text_to_image must have one entry per text ({sim.shape[1]}), "
+                        f"got {tuple(text_to_image.shape)}")
     if text_to_image.min() < 0 or text_to_image.max() >= sim.shape[0]:
         raise UserError("text_to_image has an image index outside [0, n_images)")
     sim = sim.float()

@@ -31,16 +31,14 @@ Teacher = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | torch.Tensor
 
 def _pair_scorer(teacher: Teacher, transpose: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(anchor index, candidate index) -> teacher score, for either direction; never tracks gradients."""
-    if isinstance(teacher, torch.Tensor):
-        mat = teacher.detach()
-        if torch.isnan(mat).any():
-            raise UserError("teacher score matrix contains NaN; fix the teacher or mask those pairs")
-        return (lambda a, c: mat[c, a]) if transpose else (lambda a, c: mat[a, c])
-
     def score(a, c):
-        with torch.no_grad():
-            out = teacher(c, a) if transpose else teacher(a, c)
-        out = out.detach()
+        # only the scores of the pairs used are checked: the rest of a dense matrix may be anything
+        if isinstance(teacher, torch.Tensor):
+            out = teacher.detach()[c, a] if transpose else teacher.detach()[a, c]
+        else:
+            with torch.no_grad():
+                out = teacher(c, a) if transpose else teacher(a, c)
+            out = out.detach()
         if torch.isnan(out).any():
             raise UserError("the teacher returned NaN scores; check it (e.g. fp16 overflow) before distilling")
         return out

@@ -99,7 +99,7 @@ class DualEncoderTrainer:
         out["loss"].backward()
         self.opt.step()
         self.step += 1
-        return {k: float(v) for k, v in out.items()} | {"tau": float(self.model.tau)}
+        return {k: float(v.detach()) for k, v in out.items()} | {"tau": float(self.model.tau.detach())}
 
     @torch.no_grad()
     def embed(self, x, kind: str, batch_size: int = 512) -> torch.Tensor:

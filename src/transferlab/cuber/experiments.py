@@ -23,8 +23,8 @@ from ..nn import MLP
 from .config import CUBERConfig, EWCConfig, GPMConfig, TRGPConfig
 from .metrics import summarize
 from .models import MultiHeadCNN, multihead_forward
-from .streams import permuted_stream, rotated_stream, split_stream
 from .strategies import EWC, GPM, Finetune
+from .streams import permuted_stream, rotated_stream, split_stream
 from .train import run_multitask, run_stream
 from .trgp import CUBER, TRGP
 
@@ -48,11 +48,14 @@ class StreamConfig:
     threshold_step: float = field(0.0, "threshold increase per task")
     n_samples: tuple[int, ...] = field((300,), "representation samples per layer")
     eps_proj: float = field(0.2, "TRGP/CUBER trust-region threshold eps_1")
-    eps_corr: float = field(0.0, "[reconstructed] CUBER positive-correlation threshold (cosine)")
-    step_rule: str = field("agem", "[reconstructed] CUBER in-subspace step rule: agem, gate, free")
+    eps_corr: float = field(0.3, "[reconstructed] CUBER positive-correlation threshold (cosine; chosen on "
+                            "rotated validation)")
+    step_rule: str = field("gate", "[reconstructed] CUBER in-subspace step rule: agem, gate, free, along")
     step_scale: float = field(1.0, "[reconstructed] CUBER in-subspace step scale")
+    trust_radius: float = field(0.02, "[reconstructed] CUBER in-subspace trust radius (fraction of the in-subspace "
+                                "weight norm; chosen on rotated validation)")
     scale_regime3: bool = field(True, "[reconstructed] CUBER: Regime-3 old tasks also get TRGP's scaling matrix Q")
-    ewc_lam: float = field(100.0, "EWC penalty strength (chosen on validation, see docs/cuber.md)")
+    ewc_lam: float = field(1.0, "EWC penalty strength (chosen on validation, see docs/cuber.md)")
     long_epochs: int = field(0, "epochs per task of the gpm_long control arm (0 = 3x epochs)")
     eval_split: Literal["test", "val"] = field("test", "evaluate on test (report) or val (hyperparameter choice)")
     data_path: str | None = field(None, "folder with the Fashion-MNIST IDX files (default: Debian package)")
@@ -83,7 +86,8 @@ def make_strategy(arm: str, model, cfg, forward=None):
         return TRGP(model, TRGPConfig(**g, eps_proj=cfg.eps_proj), forward)
     if arm == "cuber":
         return CUBER(model, CUBERConfig(**g, eps_proj=cfg.eps_proj, eps_corr=cfg.eps_corr, step_rule=cfg.step_rule,
-                                        step_scale=cfg.step_scale, scale_regime3=cfg.scale_regime3), forward)
+                                        step_scale=cfg.step_scale, scale_regime3=cfg.scale_regime3,
+                                        trust_radius=cfg.trust_radius), forward)
     raise UserError(f"unknown arm {arm!r}")
 
 

@@ -60,8 +60,12 @@ def in_subspace_step(g: torch.Tensor, B: torch.Tensor, anchors: list[torch.Tenso
     d = scale * g B B^T. The SGD step -lr*d changes old task j's loss by about -lr <d, h_j> (h_j its
     stored in-subspace gradient), so a negative <d, h_j> would raise it: `agem` removes that
     component (A-GEM's single-constraint projection, done for each anchor), `gate` drops d, `free`
-    keeps d as is.
+    keeps d as is. `along` keeps only the part of g along the old tasks' own descent directions h_j
+    (orthonormalised), and only where <g, h_j> > 0: the old model moves only where both tasks' losses
+    fall to first order.
     """
+    if rule == "along":
+        return _along_anchors(g, anchors) * scale
     d = ((g @ B) @ B.T) * scale
     if rule == "free":
         return d
@@ -71,6 +75,23 @@ def in_subspace_step(g: torch.Tensor, B: torch.Tensor, anchors: list[torch.Tenso
             if rule == "gate":
                 return torch.zeros_like(d)
             d = d - dot / (h * h).sum().clamp_min(1e-30) * h
+    return d
+
+
+def _along_anchors(g: torch.Tensor, anchors: list[torch.Tensor]) -> torch.Tensor:
+    d = torch.zeros_like(g)
+    basis: list[torch.Tensor] = []
+    for h in anchors:  # Gram-Schmidt over the anchors (flattened weight-space directions)
+        v = h.clone()
+        for b in basis:
+            v = v - (v * b).sum() * b
+        n = v.norm()
+        if n > 1e-12 * max(h.norm().item(), 1e-30):
+            basis.append(v / n)
+    for b in basis:
+        dot = (g * b).sum()
+        if dot > 0:
+            d = d + dot * b
     return d
 
 
@@ -208,6 +229,7 @@ class CUBER(TRGP):
         super().__init__(model, cfg, forward, layers)
         self.task_grads: list[dict[str, torch.Tensor]] = []
         self.positive: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # layer -> (B, anchors)
+        self.start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (W at task start, ||W B||)
 
     def _regime(self, layer: str, j: int, g: torch.Tensor) -> tuple[int, float, float]:
         return classify(g, self.task_bases[j][layer], self.cfg.eps_proj, self.task_grads[j][layer],
@@ -218,16 +240,20 @@ class CUBER(TRGP):
 
     def before_task(self, task_id: int, loader) -> None:
         super().before_task(task_id, loader)
-        self.positive = {}
+        self.positive, self.start = {}, {}
         for n, res in self.regimes.get(task_id, {}).items():
             pos = [j for j, regime, *_ in res if regime == REGIME_POSITIVE]
             if not pos:
                 continue
             U = torch.cat([self.task_bases[j][n] for j in pos], 1).double()
+            M = self.memory.bases[n].double()
+            U = M @ (M.T @ U)  # only the protected span: outside it GPM already lets the weights move
             Uo, S, _ = torch.linalg.svd(U, full_matrices=False)  # orthonormal basis of the union
             B = Uo[:, S > 1e-6 * S[0]].float()
             anchors = [(self.task_grads[j][n] @ self.task_bases[j][n]) @ self.task_bases[j][n].T for j in pos]
             self.positive[n] = (B, anchors)
+            w0 = self.memory.modules[n].weight.detach().reshape(len(self.memory.modules[n].weight), -1).clone()
+            self.start[n] = (w0, (w0 @ B).norm().clamp_min(1e-12))
         self._set_projection(exclude=set(self.positive))  # Regime-3 layers need the full gradient
 
     def after_backward(self, model=None) -> None:
@@ -235,13 +261,25 @@ class CUBER(TRGP):
         for n, (B, anchors) in self.positive.items():
             w = self.memory.modules[n].weight
             if w.grad is not None:
-                keep[n] = in_subspace_step(w.grad.view(w.shape[0], -1), B, anchors, self.cfg.step_rule,
-                                           self.cfg.step_scale)
+                d = in_subspace_step(w.grad.view(w.shape[0], -1), B, anchors, self.cfg.step_rule, self.cfg.step_scale)
+                keep[n] = d * self._budget(n, w, B)
         super().after_backward(model)
         with torch.no_grad():
             for n, d in keep.items():
                 w = self.memory.modules[n].weight
                 w.grad.view(w.shape[0], -1).add_(d)
+
+    @torch.no_grad()
+    def _budget(self, n: str, w: torch.Tensor, B: torch.Tensor) -> float:
+        """[reconstructed] Trust region for the in-subspace move: steps fade out linearly as the
+        in-subspace displacement since the task began reaches `trust_radius` x the in-subspace weight
+        norm. The first-order reasoning behind Regime 3 only holds near W_{t-1}, and without data
+        there is no later signal that an old task has stopped improving."""
+        if self.cfg.trust_radius <= 0:
+            return 1.0
+        w0, ref = self.start[n]
+        moved = ((w.view(w.shape[0], -1) - w0) @ B).norm()
+        return max(0.0, 1.0 - (moved / (self.cfg.trust_radius * ref)).item())
 
     def after_task(self, task_id: int, loader) -> None:
         check_loader(loader)

@@ -144,7 +144,7 @@ def _layer_rows(device: str, quick: bool) -> list[Comparison]:
                                                None, "speedup", note=f"failed: {type(e).__name__}: {e}"[:200]))
                         continue
                     rows.append(Comparison(f"{tag} {mode}", f"emoe {impl}", "dense FFN", cand_t, dense_t,
-                                           target if impl == "auto" else None, "speedup"))
+                                           target, "speedup"))
             ffn = None  # free this config's tensors before the next is allocated
             if cuda:
                 torch.cuda.empty_cache()

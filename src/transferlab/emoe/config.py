@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..core.config import field
 from ..core.errors import UserError
+from .kernels import IMPLS
 
 GATES = ("avg-k", "learned")
 SPLITS = ("balanced-kmeans", "random", "contiguous")
@@ -72,6 +73,7 @@ class EMoEConfig:
         choose("select", self.select, SELECTS)
         choose("cluster_source", self.cluster_source, CLUSTER_SOURCES)
         choose("expert_dropout_position", self.expert_dropout_position, DROPOUT_POSITIONS)
+        choose("impl", self.impl, IMPLS)
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
         if isinstance(self.layers, str) and self.layers != "all":

@@ -134,6 +134,11 @@ class _GatherExpertFFN(torch.autograd.Function):
         T, d = x.shape
         out = x.new_zeros(T, d)
         acts: list[_Act | None] = []
+        # one workspace for the gathered rows and the expert outputs, reused by every expert (~5% faster
+        # than fresh tensors); pre-activations get their own buffer only when backward needs them
+        cmax = max(counts, default=0)
+        xbuf, ybuf = x.new_empty(cmax, d), x.new_empty(cmax, d)
+        ubuf = None if keep else x.new_empty(cmax, m)
         st = 0
         for e, c in enumerate(counts):
             te, sl = tok[st:st + c], slice(e * m, (e + 1) * m)
@@ -141,12 +146,16 @@ class _GatherExpertFFN(torch.autograd.Function):
             if c == 0:
                 acts.append(None)
                 continue
-            xe = x.index_select(0, te)
-            up = xe @ w_in[sl].t() if b_in is None else torch.addmm(b_in[sl], xe, w_in[sl].t())
+            xe = torch.index_select(x, 0, te, out=xbuf[:c])
+            up = torch.empty(c, m, dtype=x.dtype, device=x.device) if keep else ubuf[:c]
+            if b_in is None:
+                torch.mm(xe, w_in[sl].t(), out=up)
+            else:
+                torch.addmm(b_in[sl], xe, w_in[sl].t(), out=up)
             gate = xe @ w_gate[sl].t() if w_gate is not None else None
             act = act_forward(activation, up, gate, keep)
             # w_out[:, sl] is a strided column block: BLAS reads it in place, no copy.
-            out.index_add_(0, te, act.a.detach() @ w_out[:, sl].t())
+            out.index_add_(0, te, torch.mm(act.a.detach(), w_out[:, sl].t(), out=ybuf[:c]))
             acts.append(act if keep else None)
         ctx.save_for_backward(x, w_in, b_in, w_out, w_gate, tok)
         ctx.acts, ctx.counts, ctx.m = acts, counts, m  # activations: k/N of what the dense FFN keeps
@@ -220,6 +229,8 @@ def grouped_mm_expert_ffn(x, w_in, b_in, w_out, expert_idx, num_experts: int, ac
     if not hasattr(torch, "_grouped_mm"):
         raise UserError(f"impl='grouped_mm' needs torch._grouped_mm (torch >= 2.8); this is torch "
                         f"{torch.__version__}: use impl='gather'")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UserError(f"impl='grouped_mm' supports float32/bfloat16/float16, not {x.dtype}; use impl='gather'")
     rt = routing if routing is not None else route(expert_idx, num_experts)
     T, d = x.shape
     N = num_experts
@@ -282,8 +293,11 @@ def choose_impl(x: torch.Tensor, num_experts: int, k: int, d_ff: int) -> str:
     - CPU: "gather" (about 3x dense forward at MiniLM size, k/N = 1/4) once each expert's matmul has at
       least ~1M multiply-adds (rows per expert * width * d); below that the ~10 ATen calls per expert cost more
       than the FLOPs they save (measured break-even: 16-64 rows per expert at d = 384, width 96-24).
-    - CUDA: "grouped_mm" in bf16 on Hopper or newer (the only kernel torch documents as fast), else "gather".
-      "triton" is never chosen automatically until it has been validated on a GPU.
+    - CUDA (provisional, not yet measured by this library): issue 4's H200 numbers are the only evidence --
+      a sort + `torch._grouped_mm` path ran at 1.48x dense at d=4096 but 0.44x at d=768, where the masked path
+      ran at 0.63-0.70x. So: "grouped_mm" for bf16 on Hopper or newer when d >= 2048, else "masked".
+      "gather" (N launches per matmul) and "triton" (untested on a GPU) are never chosen automatically;
+      `transferlab bench emoe-layer --device cuda` times all of them to replace this rule.
     Override with the environment variable TRANSFERLAB_EMOE_IMPL.
     """
     forced = os.environ.get("TRANSFERLAB_EMOE_IMPL")
@@ -296,10 +310,10 @@ def choose_impl(x: torch.Tensor, num_experts: int, k: int, d_ff: int) -> str:
         return "masked"
     if x.device.type == "cuda":
         cap = torch.cuda.get_device_capability(x.device)
-        if (x.dtype == torch.bfloat16 and cap >= (9, 0) and hasattr(torch, "_grouped_mm")
+        if (x.dtype == torch.bfloat16 and cap >= (9, 0) and x.shape[1] >= 2048 and hasattr(torch, "_grouped_mm")
                 and ("grouped_mm", "cuda", x.dtype) not in _BROKEN):
             return "grouped_mm"
-        return "gather"
+        return "masked"
     rows_per_expert = x.shape[0] * k / num_experts
     if rows_per_expert * (d_ff // num_experts) * x.shape[1] < 2 ** 20:
         return "masked"
@@ -360,7 +374,7 @@ def expert_ffn(x, w_in, b_in, w_out, expert_idx, num_experts: int, activation: C
                 return grouped_mm_expert_ffn(*args)
             except (RuntimeError, UserError):  # e.g. a CUDA build without the bf16 grouped GEMM
                 _BROKEN.add(("grouped_mm", dev, x.dtype))
-                return gather_expert_ffn(*args)
+                return masked_expert_ffn(*args)
         if not triton_available(x.device):
             raise UserError("impl='triton' needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 "
                             "for the CPU interpreter); install triton or use impl='gather'")

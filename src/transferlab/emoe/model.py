@@ -94,7 +94,9 @@ def convert(model: nn.Module, config: EMoEConfig | None = None, *, permutations:
         if adapter.check is not None:
             adapter.check(host)
         params = adapter.permuted(host)
-        check_no_lora(*[m for m in host.modules() if m is not host and hasattr(m, "base_layer")])
+        ffn_params = {id(p) for p, _ in params if p is not None}
+        check_no_lora(*[m for m in host.modules() if hasattr(m, "base_layer")
+                        and id(getattr(m.base_layer, "weight", None)) in ffn_params])
         key = adapter.key(host, config)
         d_ff = key.shape[0]
         if d_ff % config.num_experts:

@@ -109,7 +109,8 @@ class KindLinear(nn.Module):
         """
         out_f, in_f = linear.weight.shape
         layer = cls(in_f, out_f, n_learngene, n_tailor, bias=linear.bias is not None,
-                    allow_overcomplete=allow_overcomplete, compute=compute).to(linear.weight.device, linear.weight.dtype)
+                    allow_overcomplete=allow_overcomplete, compute=compute)
+        layer = layer.to(linear.weight.device, linear.weight.dtype)
         with torch.no_grad():
             P, S, Qh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
             k = min(len(S), n_learngene + n_tailor)

@@ -184,6 +184,8 @@ class MetaDMoE(nn.Module):
         self._check(unlabeled_x, "unlabeled_x")
         steps = self.config.inner_steps if steps is None else steps
         lr = self.config.inner_lr if lr is None else lr
+        if steps < 1 or not lr > 0:
+            raise UserError(f"adapt needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
         modes = [(m, m.training) for m in (self.student, self.aggregator) if m is not None]
         for m, _ in modes:
             m.eval()  # BN running statistics and aggregator dropout stay fixed (official: eval mode)

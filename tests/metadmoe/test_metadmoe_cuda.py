@@ -1,0 +1,22 @@
+"""CUDA path: adapt and one meta-step on the GPU agree with the CPU (not run on CPU-only machines)."""
+
+import pytest
+import torch
+
+from .helpers import batch, make
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_adapt_and_meta_step_match_cpu_on_cuda():
+    cpu, gpu = make(), make().cuda()
+    x, _ = batch(16)
+    xq, yq = batch(16, seed=2)
+    torch.testing.assert_close(gpu.adapt(x.cuda()).predict(xq.cuda()).cpu(), cpu.adapt(x).predict(xq),
+                               atol=1e-8, rtol=1e-6)
+    a = cpu.meta_loss(x, xq, yq, 0)[0]
+    b = gpu.meta_loss(x.cuda(), xq.cuda(), yq.cuda(), 0)[0]
+    torch.testing.assert_close(b.cpu(), a, atol=1e-8, rtol=1e-6)
+    with pytest.raises(ValueError, match="move it with"):
+        gpu.adapt(x)  # a CPU batch for a GPU model gets a clear error

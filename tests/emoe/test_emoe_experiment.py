@@ -41,3 +41,45 @@ def test_emoe_wordnet_tiny_run(tmp_path):
     assert by["emoe-reverted"]["lr"] == by["emoe"]["lr"]  # the same trained run, served dense
     assert by["lora-emoe"]["lr"] == 1e-3
     assert (out / "table.md").exists() and (out / "notes.md").exists()
+
+
+@pytest.mark.slow
+def test_emoe_wordnet_resume_after_kill_gives_same_weights(tmp_path):
+    """A run killed after epoch 1 resumes from its checkpoint and ends with bitwise the same weights."""
+    import torch
+
+    from transferlab.core.engine import Engine
+    from transferlab.emoe.data import supersense_data
+    from transferlab.emoe.experiments import train_one
+
+    cfg = EMoEWordnetConfig(n_train=32, n_val=10, n_test=10, max_len=12, batch_size=16, epochs=2)
+    data = supersense_data(32, 10, 10, 0)
+    engine = Engine(device="cpu")
+
+    def train(folder, resume=None):
+        engine.run_dir = tmp_path / folder
+        if resume is None:
+            engine.seed(0)
+        return train_one(cfg, "emoe", 0, 1e-4, data, engine, "t", runs={}, resume=resume).state_dict()
+
+    ref = train("a")
+
+    class Killed(Exception):
+        pass
+
+    real_save = engine.save_checkpoint
+
+    def save_then_die(state):
+        real_save(state)
+        raise Killed
+
+    engine.save_checkpoint = save_then_die
+    with pytest.raises(Killed):
+        train("b")
+    engine.save_checkpoint = real_save
+    engine.run_dir = tmp_path / "b"
+    ckpt = engine.load_checkpoint()
+    assert ckpt["current"]["epoch"] == 1
+    engine.seed(123)  # a fresh process would start from another RNG state; resume must restore it
+    resumed = train("b", resume=ckpt["current"])
+    assert all(torch.equal(resumed[k], ref[k]) for k in ref)

@@ -40,7 +40,7 @@ class DenseWhenLarge:
         self.dense = None
 
     def __call__(self, rows, cols):
-        if self.dense is None and len(rows) > 0.4 * self.n_rows * self.n_cols:
+        if self.dense is None and len(rows) > 0.75 * self.n_rows * self.n_cols:
             r = torch.arange(self.n_rows).repeat_interleave(self.n_cols)
             c = torch.arange(self.n_cols).repeat(self.n_rows)
             self.dense = self.score_pairs(r, c).reshape(self.n_rows, self.n_cols)

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from ..core.errors import UserError
 
 VALID_RULES = ("all", "top_m", "threshold")
-_NEG = -1e9  # finite "minus infinity": exp() underflows to 0 without NaN gradients
 
 
 def _check_matrix(name: str, x: torch.Tensor, shape=None) -> None:
@@ -134,17 +133,39 @@ def valid_prefix(t_sorted: torch.Tensor, available: torch.Tensor, rule: str = "a
     raise UserError(f"unknown validity rule {rule!r}; choose from {', '.join(VALID_RULES)}")
 
 
+def masked_logsumexp(x: torch.Tensor, keep: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """logsumexp over the kept entries (-inf for a row with none), without slow exp() underflow paths.
+
+    Why: CPU exp() of arguments below about -87 (masked or far-below-max logits) takes a scalar
+    path ~20x slower than normal. Clamping x - max at -80 and multiplying by the mask is exact to
+    float precision (a clamped entry would contribute < 2e-35 next to the max's 1) and fast.
+    """
+    if keep is None:
+        m = x.detach().amax(dim, keepdim=True)
+        return torch.log(torch.exp((x - m).clamp(min=-80.0)).sum(dim)) + m.squeeze(dim)
+    m = x.detach().masked_fill(~keep, float("-inf")).amax(dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp((x - m).clamp(min=-80.0)) * keep
+    return torch.log(e.sum(dim)) + m.squeeze(dim)
+
+
 def suffix_logsumexp(s: torch.Tensor) -> torch.Tensor:
     """lse[:, j] = log sum_{k >= j} exp(s[:, k]), exact and stable.
 
-    Why two paths: for short lists a masked [A, K, K] logsumexp is several times faster on CPU than
-    `logcumsumexp` (whose backward is costly); long lists (CPRD over all negatives) use `logcumsumexp`.
+    Why three paths: when a row's logits span < 80, a cumulative sum of exp(s - max) is exact and the
+    cheapest; otherwise a masked [A, K, K] logsumexp (short lists) or `logcumsumexp` (long lists, whose
+    CPU backward is slow) keeps far-below-max entries from underflowing.
     """
     k = s.shape[1]
+    m = s.detach().amax(1, keepdim=True)
+    if bool(((m - s.detach().amin(1, keepdim=True)) < 80).all()):
+        # fast path: every exp(s - max) is representable, so suffix sums of exp are exact
+        suffix = torch.exp(s - m).flip(1).cumsum(1).flip(1)
+        return torch.log(suffix) + m
     if k > 64:
         return torch.logcumsumexp(s.flip(1), dim=1).flip(1)
     upper = torch.ones(k, k, dtype=torch.bool, device=s.device).triu()  # [j, k]: k >= j
-    return torch.logsumexp(s[:, None, :].masked_fill(~upper, _NEG), dim=2)
+    return masked_logsumexp(s[:, None, :].expand(-1, k, -1), upper, dim=2)
 
 
 def partial_ranking_nll(s: torch.Tensor, t: torch.Tensor, *, valid: str = "all", valid_param: float | None = None,
@@ -168,7 +189,10 @@ def partial_ranking_nll(s: torch.Tensor, t: torch.Tensor, *, valid: str = "all",
     s_sorted = s.gather(1, order)
     t_sorted = t.gather(1, order)
     avail_sorted = available.gather(1, order)
-    s_sorted = torch.where(avail_sorted, s_sorted, torch.full_like(s_sorted, _NEG))
+    # padding slots: exp() must be ~0 next to the real entries yet stay in exp's fast range
+    floor = s_sorted.detach().masked_fill(~avail_sorted, float("inf")).amin(1, keepdim=True) - 60.0
+    floor = torch.where(torch.isfinite(floor), floor, torch.zeros_like(floor))
+    s_sorted = torch.where(avail_sorted, s_sorted, floor.expand_as(s_sorted))
     lse = suffix_logsumexp(s_sorted)
     terms = lse - s_sorted
     j_star = valid_prefix(t_sorted, avail_sorted, valid, valid_param)
@@ -245,10 +269,9 @@ def infonce_loss(sim: torch.Tensor, positive_mask: torch.Tensor, tau: float | to
                  candidate_mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """Multi-positive InfoNCE per row: -log( sum_pos exp(s/tau) / sum_all exp(s/tau) )."""
     logits = sim / tau
-    if candidate_mask is not None:
-        logits = logits.masked_fill(~candidate_mask.bool(), _NEG)
-    pos = logits.masked_fill(~positive_mask.bool(), _NEG)
-    per_row = torch.logsumexp(logits, 1) - torch.logsumexp(pos, 1)
+    keep = None if candidate_mask is None else candidate_mask.bool()
+    pos = positive_mask.bool() if keep is None else positive_mask.bool() & keep
+    per_row = masked_logsumexp(logits, keep, 1) - masked_logsumexp(logits, pos, 1)
     return _reduce(per_row, reduction)
 
 

@@ -26,30 +26,27 @@ from .loss import (
     partial_ranking_nll,
 )
 
-Teacher = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | torch.Tensor
+Teacher = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | torch.Tensor  # (image idx, text idx) -> scores
 
 
-def _pair_scorer(teacher: Teacher, transpose: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """(anchor index, candidate index) -> teacher score, for either direction; never tracks gradients."""
-    def score(a, c):
-        # only the scores of the pairs used are checked: the rest of a dense matrix may be anything
-        if isinstance(teacher, torch.Tensor):
-            out = teacher.detach()[c, a] if transpose else teacher.detach()[a, c]
-        else:
-            with torch.no_grad():
-                out = teacher(c, a) if transpose else teacher(a, c)
-            out = out.detach()
-        if torch.isnan(out).any():
-            raise UserError("the teacher returned NaN scores; check it (e.g. fp16 overflow) before distilling")
-        return out
-
-    return score
+def _teacher_scores(teacher: Teacher, img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
+    """Teacher scores of (image, text) index pairs; never tracks gradients, rejects NaN."""
+    if isinstance(teacher, torch.Tensor):
+        out = teacher.detach()[img_idx, txt_idx]  # only the pairs used are read (and checked)
+    else:
+        with torch.no_grad():
+            out = teacher(img_idx, txt_idx)
+        out = out.detach()
+    if torch.isnan(out).any():
+        raise UserError("the teacher returned NaN scores; check it (e.g. fp16 overflow) before distilling")
+    return out
 
 
 class ContrastiveDistillLoss(nn.Module):
     """Symmetric InfoNCE plus `weight` x a distillation term on student-mined hard negatives.
 
     With `weight=0` (or the base class itself) this is plain InfoNCE: the `infonce` arm.
+    Subclasses implement `distill(s, t, available) -> per-row losses`.
     """
 
     needs_positive = True  # does distill() want the positive's score in column 0?
@@ -64,23 +61,16 @@ class ContrastiveDistillLoss(nn.Module):
         self.config = cfg
 
     def distill(self, s: torch.Tensor, t: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
-        return s.new_zeros(())
+        return s.new_zeros(s.shape[0])
 
-    def _direction(self, sim, pos, score, tau):
-        cfg = self.config
-        hard_idx, available = mine_hard_negatives(sim, pos, cfg.k)
-        a, kk = hard_idx.shape
-        rows = torch.arange(a, device=sim.device)[:, None].expand(a, kk)
-        cols = hard_idx
-        if self.needs_positive:
-            # the best-scoring positive of each anchor (the only one when there is one caption per image)
-            best_pos = sim.detach().masked_fill(~pos, float("-inf")).argmax(1, keepdim=True)
-            cols = torch.cat([best_pos, hard_idx], 1)
-            rows = torch.arange(a, device=sim.device)[:, None].expand_as(cols)
-            available = torch.cat([torch.ones_like(available[:, :1]), available], 1)
-        t = score(rows.reshape(-1), cols.reshape(-1)).reshape(rows.shape).to(sim.dtype)
-        s = sim.gather(1, cols) / tau
-        return self.distill(s, t, available)
+    def _mine(self, sim, pos):
+        """Candidate columns per anchor row (positive first if needed) and their availability."""
+        hard_idx, available = mine_hard_negatives(sim, pos, self.config.k)
+        if not self.needs_positive:
+            return hard_idx, available
+        # the best-scoring positive of each anchor (the only one when there is one caption per image)
+        best_pos = sim.detach().masked_fill(~pos, float("-inf")).argmax(1, keepdim=True)
+        return torch.cat([best_pos, hard_idx], 1), torch.cat([torch.ones_like(available[:, :1]), available], 1)
 
     def forward(self, sim: torch.Tensor, positive_mask: torch.Tensor, teacher: Teacher | None = None,
                 tau: float | torch.Tensor = 0.07, weight: float | None = None) -> dict[str, torch.Tensor]:
@@ -99,9 +89,24 @@ class ContrastiveDistillLoss(nn.Module):
             raise UserError(f"{type(self).__name__} needs a teacher (score matrix or pair scorer)")
         # Reconstructed: the distillation term uses the ITC temperature (or cfg.tau) but does not train it.
         t_d = cfg.tau if cfg.tau is not None else (tau.detach() if torch.is_tensor(tau) else tau)
-        d = self._direction(sim, pos, _pair_scorer(teacher, False), t_d)
-        if cfg.symmetric:
-            d = 0.5 * (d + self._direction(sim.t(), pos.t(), _pair_scorer(teacher, True), t_d))
+        views = [(sim, pos)] + ([(sim.t(), pos.t())] if cfg.symmetric else [])
+        mined = [self._mine(m, p) for m, p in views]
+        # one teacher call for both directions, in (image, text) orientation
+        img, txt = [], []
+        for d, (cols, _) in enumerate(mined):
+            anchors = torch.arange(cols.shape[0], device=sim.device)[:, None].expand_as(cols).reshape(-1)
+            img.append(anchors if d == 0 else cols.reshape(-1))
+            txt.append(cols.reshape(-1) if d == 0 else anchors)
+        t_all = _teacher_scores(teacher, torch.cat(img), torch.cat(txt)).to(sim.dtype).split(
+            [c.numel() for c, _ in mined])
+        s = [m.gather(1, cols) / t_d for (m, _), (cols, _) in zip(views, mined)]
+        t = [tt.reshape(cols.shape) for tt, (cols, _) in zip(t_all, mined)]
+        avail = [a for _, a in mined]
+        if len({x.shape[1] for x in s}) == 1:  # one batched call for both directions (fewer small ops)
+            rows = self.distill(torch.cat(s), torch.cat(t), torch.cat(avail)).split([x.shape[0] for x in s])
+        else:
+            rows = [self.distill(*z) for z in zip(s, t, avail)]
+        d = torch.stack([r.mean() for r in rows]).mean()
         return {"loss": nce + w * d, "infonce": nce.detach(), "distill": d.detach()}
 
 
@@ -119,7 +124,8 @@ class CPRDLoss(ContrastiveDistillLoss):
 
     def distill(self, s, t, available):
         cfg = self.config
-        return partial_ranking_nll(s, t, valid=cfg.valid, valid_param=cfg.valid_param, available=available)
+        return partial_ranking_nll(s, t, valid=cfg.valid, valid_param=cfg.valid_param, available=available,
+                                   reduction="none")
 
 
 class KLDistillLoss(ContrastiveDistillLoss):
@@ -128,7 +134,7 @@ class KLDistillLoss(ContrastiveDistillLoss):
     def distill(self, s, t, available):
         t = t.masked_fill(~available, float("-inf"))
         s = s.masked_fill(~available, -1e9)
-        return kl_distill_loss(s, t, self.config.teacher_temp)
+        return kl_distill_loss(s, t, self.config.teacher_temp, reduction="none")
 
 
 class ListNetDistillLoss(ContrastiveDistillLoss):
@@ -137,7 +143,7 @@ class ListNetDistillLoss(ContrastiveDistillLoss):
     def distill(self, s, t, available):
         t = t.masked_fill(~available, float("-inf"))
         s = s.masked_fill(~available, -1e9)
-        return listnet_loss(s, t, self.config.teacher_temp)
+        return listnet_loss(s, t, self.config.teacher_temp, reduction="none")
 
 
 class MarginMSEDistillLoss(ContrastiveDistillLoss):
@@ -146,7 +152,7 @@ class MarginMSEDistillLoss(ContrastiveDistillLoss):
     def distill(self, s, t, available):
         if not available.all():
             raise UserError("margin-MSE needs a fixed k (not k=None)")
-        return margin_mse_loss(s, t)
+        return margin_mse_loss(s, t, reduction="none")
 
 
 LOSSES = {"infonce": InfoNCELoss, "cprd": CPRDLoss, "kl": KLDistillLoss, "listnet": ListNetDistillLoss,

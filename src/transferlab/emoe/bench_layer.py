@@ -212,6 +212,49 @@ def _bert_rows(device: str, quick: bool) -> list[Comparison]:
     return rows
 
 
+def _minilm_rows(device: str, quick: bool) -> list[Comparison]:
+    """The library end to end: the real all-MiniLM-L6-v2 converted by `transferlab.emoe.convert`
+    (impl="auto"), one fine-tuning step (mean-pooled embedding, linear head, cross-entropy, AdamW) vs the
+    unconverted model. split="contiguous" skips k-means: which neurons form an expert does not change speed."""
+    try:
+        from transformers import AutoModel
+
+        from ..data import minilm_path
+        from . import EMoEConfig, convert
+
+        path = minilm_path()
+    except Exception:  # transformers, the MiniLM package or the EMoE model code absent: nothing to time
+        return []
+    import copy
+
+    cuda = device.startswith("cuda")
+    B, S = (64, 128) if cuda else (16, 128)
+    torch.manual_seed(0)
+    dense = AutoModel.from_pretrained(path).to(device).train()
+    ids = torch.randint(1000, dense.config.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
+    ids, labels = ids.to(device), torch.arange(B, device=device) % 4
+    kw = dict(warmup=2, repeat=5, device=device) if cuda else dict(warmup=1, repeat=2, device=device)
+    rows = []
+    for layers in [(2, 4)] if quick else [(2, 4), "all"]:
+        emoe = convert(copy.deepcopy(dense), EMoEConfig(num_experts=16, top_k=4, layers=layers, split="contiguous"))
+        steps = {}
+        for name, model in (("emoe", emoe), ("dense", dense)):
+            head = torch.nn.Linear(model.config.hidden_size, 4).to(device)
+            opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=3e-5)
+
+            def run(model=model, head=head, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                z = model(input_ids=ids).last_hidden_state.mean(1)
+                F.cross_entropy(head(z), labels).backward()
+                opt.step()
+
+            steps[name] = run
+        t_e, t_d = _pair(steps["emoe"], steps["dense"], rounds=2, **kw)
+        rows.append(Comparison(f"all-MiniLM-L6-v2 fine-tuning step B={B} S={S}, emoe.convert N=16 k=4 layers="
+                               f"{layers}", "emoe auto", "dense", t_e, t_d, None, "speedup"))
+    return rows
+
+
 def _emoe_glu_forward(mlp, N: int, k: int, impl: str):
     """A LlamaMLP.forward through `expert_ffn`: experts are blocks of neurons, scored by the block mean of
     gate_proj(x) (the official Llama path's `select='gate'`)."""
@@ -268,7 +311,7 @@ def _llama_rows(device: str, quick: bool) -> list[Comparison]:
                                   "training step; TRANSFERLAB_BENCH_QUICK=1 for one (N,k) per shape")
 def bench_emoe_layer(device: str) -> list[Comparison]:
     quick = os.environ.get("TRANSFERLAB_BENCH_QUICK") == "1"
-    rows = _layer_rows(device, quick) + _bert_rows(device, quick)
+    rows = _layer_rows(device, quick) + _bert_rows(device, quick) + _minilm_rows(device, quick)
     if device.startswith("cuda"):
         rows += _llama_rows(device, quick)
     return rows

@@ -22,21 +22,26 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_judge(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, cache=None, engine=None) -> SmallCNN:
-    """SmallCNN on real images in [0, 1] (N, 1, 28, 28) with labels 0..9; cached on disk per seed."""
+    """SmallCNN on real images in [0, 1] (N, 1, 28, 28) with labels 0..9; cached on disk per seed.
+
+    Trained on the engine's device, returned on the CPU (the metrics run there, in float64).
+    """
     torch.manual_seed(seed + 4242)
     model = SmallCNN(10)
     if cache is not None and cache.exists():
         model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
         return model.eval()
+    device = engine.device if engine is not None else torch.device("cpu")
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     for epoch in range(epochs):
         for b in batches(len(x), 128, seed=seed * 1000 + epoch):
-            loss = F.cross_entropy(model(x[b]), y[b])
+            loss = F.cross_entropy(model(x[b].to(device)), y[b].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    model.eval()
+    model = model.cpu().eval()
     if cache is not None and (engine is None or engine.is_main):
         atomic_torch_save(model.state_dict(), cache)
     return model

@@ -285,12 +285,13 @@ def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
 _FULL = {"seeds": 3, "pretrain_steps": 4000, "transfer_steps": 1000, "lrs": (3e-4, 1e-3)}
 _SMALL = {"patch": 7, "width": 64, "depth": 4, "heads": 4, "batch_size": 64, "n_learngene": 32, "n_tailor": 32}
 # quick: the CPU demo; checks the pipeline end to end, samples are not expected to be meaningful
-_QUICK = {**_SMALL, "seeds": 2, "source_per_class": 1000, "pretrain_steps": 200, "transfer_steps": 100,
-          "lrs": (1e-3,), "ddim_steps": 20, "samples_per_class": 100, "val_per_class": 50, "test_per_class": 300,
-          "judge_per_class": 300, "judge_epochs": 2, "checkpoint_every": 100}
-# medium: the largest run that fits a CPU in under an hour (3 seeds); one preset LR, not tuned
-_MEDIUM = {**_SMALL, "seeds": 3, "pretrain_steps": 2000, "transfer_steps": 500, "lrs": (1e-3,), "ddim_steps": 25,
-           "samples_per_class": 200, "judge_per_class": 1000, "judge_epochs": 2, "checkpoint_every": 250}
+_QUICK = {**_SMALL, "seeds": 2, "source_per_class": 1000, "pretrain_steps": 150, "transfer_steps": 80,
+          "lrs": (1e-3,), "ddim_steps": 20, "samples_per_class": 80, "val_per_class": 50, "test_per_class": 200,
+          "judge_per_class": 300, "judge_epochs": 1, "checkpoint_every": 50}
+# medium: a CPU run of about 15 CPU-minutes per seed; one preset LR (not tuned)
+_MEDIUM = {**_SMALL, "seeds": 2, "pretrain_steps": 500, "transfer_steps": 200, "lrs": (1e-3,), "ddim_steps": 20,
+           "samples_per_class": 100, "test_per_class": 500, "judge_per_class": 1000, "judge_epochs": 1,
+           "checkpoint_every": 100}
 
 register_experiment(
     "kind-fmnist", config=KindFmnistConfig, reference="kind",

@@ -161,3 +161,16 @@ def test_emoe_cuda_topk_equals_n_is_dense_and_revert_bitwise(arch):
         assert (_out(model, inputs) - ref).abs().max().item() <= 1e-5
     revert(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_emoe_gated_cluster_on_up_proj_is_still_dense_at_k_equals_n():
+    model = ARCHS["qwen2"]().eval()
+    inputs = _inputs("qwen2")
+    with torch.no_grad():
+        ref = _out(model, inputs)
+        convert(model, EMoEConfig(num_experts=4, top_k=4, layers=(1,), cluster_source="up", kmeans_n_init=1))
+        assert (_out(model, inputs) - ref).abs().max().item() <= 1e-5
+    host = emoe_layers(model)[0]
+    x = torch.randn(3, D)
+    up = host.up_proj.weight
+    assert torch.allclose(host.emoe_scores(x, up), x @ up.reshape(4, FF // 4, D).mean(1).T, atol=1e-6)

@@ -118,6 +118,28 @@ def test_stochastic_activation_backward_replays_forward(glu, impl, dtype):
     torch.testing.assert_close((g * (y2 - y)).sum(), (x.grad * dx).sum(), rtol=1e-4, atol=1e-12)
 
 
+@pytest.mark.parametrize("impl", CPU_IMPLS + [pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRET, reason="needs triton + TRITON_INTERPRET=1"))])
+def test_non_contiguous_weights(impl):
+    # GPT-2's Conv1D stores (d, d_ff): adapters pass transposed views, which every path must accept
+    x, w_in, b_in, w_out, idx, w_gate = make(40, 16, 64, 4, 2, glu=True)
+    g = torch.randn(40, 16)
+    leaves = (x, w_in, b_in, w_out, w_gate)
+    y_ref, g_ref = run("masked", *leaves[:4], idx, w_gate, 4, F.silu, g)
+    tw = [t.detach().t().contiguous().requires_grad_(True) for t in (w_in, w_out, w_gate)]
+    for t in (x, b_in):
+        t.grad = None
+    y = expert_ffn(x, tw[0].t(), b_in, tw[1].t(), idx, 4, F.silu, w_glu_gate=tw[2].t(), impl=impl)
+    y.backward(g)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    for got, want in zip([x.grad, tw[0].grad.t(), b_in.grad, tw[1].grad.t(), tw[2].grad.t()], g_ref):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_inplace_activation():
+    assert_same("gather", T=40, d=8, d_ff=32, N=4, k=2, act=torch.nn.ReLU(inplace=True), dtype=torch.float64)
+
+
 def test_no_grad_forward_keeps_no_graph():
     x, w_in, b_in, w_out, idx, _ = make(40, 8, 32, 4, 2)
     with torch.no_grad():

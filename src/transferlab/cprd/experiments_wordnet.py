@@ -8,8 +8,9 @@ t2i = example -> gloss.
   side (zero-initialised, so training starts from MiniLM's zero-shot retrieval).
 - Teacher: a MiniLM cross-encoder -- MiniLM token states of the example and of the gloss, joined in
   trainable joint-attention layers (every example token attends to every gloss token), [mean-pooled
-  pair] -> matching logit, plus MiniLM's cosine as a residual score. Fine-tuned on (example, gloss)
-  pairs against MiniLM-mined hard negatives.
+  pair] -> matching logit, plus an ITC score (cosine of MiniLM embeddings through residual heads, as
+  the student) -- BLIP-2's "ITM + ITC". Fine-tuned on (example, gloss) pairs against MiniLM-mined hard
+  negatives; the interaction head starts at zero, so training starts from MiniLM's zero-shot ranking.
   Reconstructed for CPU: MiniLM's six layers are run once per text and kept frozen; only the joint
   layers are trained (a fusion-style cross-encoder, like ALBEF's fusion encoder), not all of MiniLM.
 - Training batches are a fixed partition of the training synsets grouped by supersense (harder
@@ -116,29 +117,6 @@ def _cached_encodings(cfg, engine, texts):
     return out
 
 
-class JointCrossEncoder(nn.Module):
-    """Teacher: joint attention over [query tokens ; gloss tokens] (MiniLM states) -> matching logit."""
-
-    def __init__(self, in_dim: int = 384, d: int = 128, layers: int = 2, heads: int = 4):
-        super().__init__()
-        self.proj = nn.Linear(in_dim, d)
-        self.segment = nn.Parameter(torch.randn(2, d) * 0.02)
-        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
-        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Sequential(nn.LayerNorm(3 * d), nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, 1))
-        self.itc_scale = nn.Parameter(torch.tensor(10.0))  # MiniLM cosine as a residual score (ITM + ITC)
-
-    def forward(self, qs, qm, qe, gs, gm, ge) -> torch.Tensor:
-        """Aligned pairs: token states [n, L, 384] (fp16 ok), masks [n, L], sentence embeddings [n, 384]."""
-        x = torch.cat([self.proj(qs.float()) + self.segment[0], self.proj(gs.float()) + self.segment[1]], 1)
-        m = torch.cat([qm, gm], 1)
-        h = self.enc(x, src_key_padding_mask=~m)
-        lq = qm.shape[1]
-        pq = (h[:, :lq] * qm[..., None]).sum(1) / qm.sum(1, keepdim=True)
-        pg = (h[:, lq:] * gm[..., None]).sum(1) / gm.sum(1, keepdim=True)
-        return self.head(torch.cat([pq, pg, pq * pg], -1)).squeeze(-1) + self.itc_scale * (qe * ge).sum(-1)
-
-
 class ResidualHead(nn.Module):
     """x + W2 relu(W1 x), W2 zero-initialised: the student starts as plain MiniLM."""
 
@@ -150,6 +128,35 @@ class ResidualHead(nn.Module):
 
     def forward(self, x):
         return x + self.l2(torch.relu(self.l1(x)))
+
+
+class JointCrossEncoder(nn.Module):
+    """Teacher: joint attention over [query tokens ; gloss tokens] (MiniLM states) -> matching logit."""
+
+    def __init__(self, in_dim: int = 384, d: int = 128, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, d)
+        self.segment = nn.Parameter(torch.randn(2, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(3 * d), nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, 1))
+        nn.init.zeros_(self.head[-1].weight)  # start as the ITC score alone, learn the interaction on top
+        nn.init.zeros_(self.head[-1].bias)
+        # ITC part (BLIP-2's "ITM + ITC" score): MiniLM embeddings through zero-initialised residual heads,
+        # so the teacher holds the student's capacity plus joint attention
+        self.q_head, self.g_head = ResidualHead(in_dim), ResidualHead(in_dim)
+        self.itc_scale = nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, qs, qm, qe, gs, gm, ge) -> torch.Tensor:
+        """Aligned pairs: token states [n, L, 384] (fp16 ok), masks [n, L], sentence embeddings [n, 384]."""
+        x = torch.cat([self.proj(qs.float()) + self.segment[0], self.proj(gs.float()) + self.segment[1]], 1)
+        m = torch.cat([qm, gm], 1)
+        h = self.enc(x, src_key_padding_mask=~m)
+        lq = qm.shape[1]
+        pq = (h[:, :lq] * qm[..., None]).sum(1) / qm.sum(1, keepdim=True)
+        pg = (h[:, lq:] * gm[..., None]).sum(1) / gm.sum(1, keepdim=True)
+        itc = (F.normalize(self.q_head(qe.float()), dim=-1) * F.normalize(self.g_head(ge.float()), dim=-1)).sum(-1)
+        return self.head(torch.cat([pq, pg, pq * pg], -1)).squeeze(-1) + self.itc_scale * itc
 
 
 def _scorer(teacher, enc, q_idx, g_idx):
@@ -234,7 +241,7 @@ def _eval(model, enc, q_idx, g_idx, q_to_g):
                 "MiniLM cross-encoder teacher",
     profiles={
         "quick": {"seeds": 2, "train_synsets": 600, "val_synsets": 100, "test_synsets": 300, "max_tokens": 20,
-                  "teacher_steps": 120, "epochs": 5},
+                  "teacher_steps": 200, "epochs": 5},
         "full": {"seeds": 3},
     },
     plot=plot_score_distributions,

@@ -44,14 +44,6 @@ def _check_finite_teacher(t: torch.Tensor) -> None:
                         "with candidate_mask")
 
 
-def negative_mask(positive_mask: torch.Tensor, candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Candidates that may be mined: not a positive (every positive, not only the diagonal) and allowed."""
-    neg = ~positive_mask.bool()
-    if candidate_mask is not None:
-        neg = neg & candidate_mask.bool()
-    return neg
-
-
 def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise top-k (values, indices), sorted descending; exact, and ~2x faster than `topk` on CPU.
 

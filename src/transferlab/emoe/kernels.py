@@ -106,7 +106,12 @@ def act_forward(activation: Callable, up: torch.Tensor, gate: torch.Tensor | Non
     with torch.enable_grad():
         pu = up.detach().requires_grad_(True)
         pg = gate.detach().requires_grad_(True) if gate is not None else None
-        a = activation(pu) if pg is None else activation(pg) * pu
+        pre = pu if pg is None else pg
+        try:
+            h = activation(pre)
+        except RuntimeError:  # an in-place activation (ReLU(inplace=True)) refuses a leaf: give it a copy
+            h = activation(pre.clone())
+        a = h if pg is None else h * pu
     return _Act(a, pu, pg)
 
 
@@ -242,7 +247,7 @@ def grouped_mm_expert_ffn(x, w_in, b_in, w_out, expert_idx, num_experts: int, ac
     offs = torch.cumsum(rt.counts, 0).to(torch.int32)  # end row of each expert's segment, no host sync
 
     def experts_in(w):  # (N*m, d) rows -> (N, d, mp): expert e's matrix for x_e @ W_e
-        w = w.view(N, m, d)
+        w = w.reshape(N, m, d)  # copies only a non-contiguous weight (e.g. GPT-2 Conv1D, transposed)
         if mp != m:
             w = F.pad(w, (0, 0, 0, mp - m))
         return w.transpose(1, 2)
@@ -250,7 +255,7 @@ def grouped_mm_expert_ffn(x, w_in, b_in, w_out, expert_idx, num_experts: int, ac
     xs = x.index_select(0, rt.tok)
     up = torch._grouped_mm(xs, experts_in(w_in), offs=offs)
     if b_in is not None:
-        b = b_in.view(N, m)
+        b = b_in.reshape(N, m)
         if mp != m:
             b = F.pad(b, (0, mp - m))
         up = up + b.index_select(0, rt.sorted_expert)
@@ -258,7 +263,7 @@ def grouped_mm_expert_ffn(x, w_in, b_in, w_out, expert_idx, num_experts: int, ac
         a = activation(up)
     else:
         a = activation(torch._grouped_mm(xs, experts_in(w_glu_gate), offs=offs)) * up
-    wo = w_out.view(d, N, m)
+    wo = w_out.reshape(d, N, m)
     if mp != m:
         wo = F.pad(wo, (0, mp - m))  # padded neurons get zero out-weights: they add nothing
     ys = torch._grouped_mm(a, wo.permute(1, 2, 0), offs=offs)  # (N, mp, d) per-expert out-weights

@@ -185,7 +185,7 @@ class _TritonExpertFFN(torch.autograd.Function):
         rt = route(expert_idx, N)
         blocks = _Blocks(rt.counts, rt.tok.numel())
         R = rt.tok.numel()
-        bias = b_in.view(N, m) if b_in is not None else None
+        bias = b_in.reshape(N, m) if b_in is not None else None
         up = _gather_mm(x, rt.tok, w_in, _expert_view(w_in, m, True, "model"), bias, x.new_empty(R, m), None,
                         blocks, d, m)
         gate = None

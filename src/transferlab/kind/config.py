@@ -13,7 +13,8 @@ TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 
 @dataclass(frozen=True)
 class KindConfig:
-    """KIND (Xie et al., arXiv 2408.07337 / ICML 2025), §3 "decomposable models".
+    """KIND (Xie et al., arXiv 2408.07337 / ICML 2025): the decomposition as stated in the abstract and restated
+    by the same authors in DivControl (arXiv 2507.23620) §3.2; section numbers of KIND itself are not in our sources.
 
     Every targeted projection W (out x in) becomes W = U diag(s) V^T = sum_i u_i s_i v_i^T, with the
     first `n_learngene` rank-1 components shared by all classes (learngenes) and the next `n_tailor`

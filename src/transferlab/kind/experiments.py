@@ -38,7 +38,8 @@ ARMS = ("kind", "kind_nogate", "full_finetune", "lora", "svdiff", "scratch")
 
 @dataclass(frozen=True)
 class KindFmnistConfig:
-    """KIND (arXiv 2408.07337) §4 transfer-to-novel-classes protocol, at Fashion-MNIST scale.
+    """KIND (arXiv 2408.07337) transfer-to-novel-classes protocol (abstract; setup quoted by the acmrep page),
+    at Fashion-MNIST scale.
 
     The paper pre-trains DiT-B/2 and DiT-L/2 on 150 ImageNet superclasses and transfers to 461 novel
     ones; here 6 -> 4 Fashion-MNIST classes. Sizes, steps and the learngene/tailor split are ours.

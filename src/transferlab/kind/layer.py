@@ -5,7 +5,8 @@
 where m in {0,1}^{n_tailor} is the class gate's mask for each sample (read from a `GateContext`
 shared by all layers of a converted model, so a mixed-class batch is routed per sample). With no
 context every tailor is active. A masked tailor contributes nothing and receives exactly zero
-gradient, which is what lets learngenes absorb class-agnostic knowledge (KIND §3).
+gradient, which is what lets learngenes absorb class-agnostic knowledge (KIND abstract;
+DivControl §3.2).
 """
 
 from __future__ import annotations

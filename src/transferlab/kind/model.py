@@ -130,7 +130,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, diffusion, steps:
         seed: int = 0, engine=None, phase: str = "kind", checkpoint_every: int = 0) -> list[float]:
     """Train the trainable parameters of a (KIND or dense) DiT with the DDPM loss; returns per-step losses.
 
-    KIND changes parameter structure and routing, not the loss (paper §3), so pre-training and
+    KIND changes parameter structure and routing, not the loss (KIND v1 abstract), so pre-training and
     transfer are the same loop; `transfer` decides what is trainable.
     """
     from ..nn.diffusion import train_diffusion
@@ -154,7 +154,8 @@ def transfer(model: nn.Module, new_classes: int, *, n_tailor: int | None = None,
 
     Learngenes are frozen; tailors are replaced by new random ones (trainable) and the gate is rebuilt
     for the new classes; label embeddings are re-initialised (models with `reset_classes`). Other
-    dense parts are frozen except the groups named in `train` (any of {groups}) [reconstructed: the
+    dense parts are frozen except the groups named in `train` (keys of `TRAINABLE_GROUPS`: label_embed,
+    final_layer, adaln, time_embed, patch_embed) [reconstructed: the
     paper does not say which dense parts are trained downstream]. Returns a parameter report.
     """
     g = _gate(model)

@@ -180,7 +180,8 @@ class PermutedConfig(StreamConfig):
     "cuber-pfmnist", config=PermutedConfig, reference="gpm", metrics=METRICS,
     description="10 permuted Fashion-MNIST tasks, MLP 784-100-100-10 without bias, SGD lr 0.01 batch 10, "
                 "5 epochs (GPM's PMNIST protocol): finetune/EWC/GPM/TRGP/CUBER/multitask",
-    profiles={"quick": {"seeds": 2, "n_tasks": 4, "n_train": 2000, "n_test": 2000, "epochs": 2},
+    # quick: 4 tasks x 3600 images, lr 0.05 so a few hundred steps learn each task (demo, not the protocol)
+    profiles={"quick": {"seeds": 2, "n_tasks": 4, "n_train": 4000, "n_test": 2000, "epochs": 3, "lr": 0.05},
               "full": {"seeds": 5}},
     plot=plot_matrices,
 )
@@ -239,7 +240,8 @@ class RotatedConfig(StreamConfig):
     "cuber-rotated-fmnist", config=RotatedConfig, reference="gpm", metrics=METRICS,
     description="10 rotated Fashion-MNIST tasks (0..72 deg, 1000 images each), MLP without bias: "
                 "can CUBER turn GPM's no-forgetting into positive backward transfer?",
-    profiles={"quick": {"seeds": 2, "n_tasks": 5, "n_test": 1000, "epochs": 2},
+    # quick: 5 tasks spanning 0-64 degrees, one epoch at lr 0.05 (demo, not the protocol)
+    profiles={"quick": {"seeds": 2, "n_tasks": 5, "n_test": 1000, "epochs": 1, "lr": 0.05, "step_degrees": 16.0},
               "full": {"seeds": 5}},
     plot=plot_matrices,
 )

@@ -61,9 +61,10 @@ def plot_kind(rows: list[dict], cfg: dict, out_dir) -> list[Path]:
         verdict = "recognisable samples" if ok else "samples NOT yet meaningful"
         lines.append(f"- `{a}`: class-conditional accuracy {acc:.1f}% (chance 25%), FMNIST-FID {fid:.1f} vs "
                      f"floor {floor:.1f} -> {verdict}.")
-    if rows and rows[0].get("profile") == "quick":
-        lines += ["", "This is the **quick** demo profile (tiny DiT, a few hundred CPU steps): it checks that the "
-                      "pipeline runs end to end. Its samples are not expected to be meaningful and its ranking of "
-                      "the arms is not evidence for or against KIND; see the full profile."]
+    profile = rows[0].get("profile") if rows else None
+    if profile != "full":
+        lines += ["", f"This is the **{profile}** profile (a small DiT trained for a few hundred CPU steps): it "
+                      "checks that the pipeline runs end to end. Where the samples are not meaningful, the ranking "
+                      "of the arms is not evidence for or against KIND; see the full (GPU) profile."]
     atomic_write_text(out_dir / "notes.md", "\n".join(lines) + "\n")
     return paths

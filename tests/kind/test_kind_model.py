@@ -85,6 +85,10 @@ def test_classes_route_differently_and_bad_labels_fail_before_any_compute():
 def test_learngene_save_load_round_trip(tmp_path):
     cfg = KindConfig(n_learngene=8, n_tailor=8)
     src = convert(_dit(), cfg)
+    with torch.no_grad():  # trained-looking biases: they are class-agnostic and travel with include_dense
+        for m in src.modules():
+            if isinstance(m, KindLinear):
+                m.bias.normal_()
     save_learngenes(src, tmp_path / "genes.pt", include_dense=True)
     torch.manual_seed(123)
     dst = convert(DiT(image_size=8, patch=4, width=16, depth=2, heads=2, num_classes=3), cfg)

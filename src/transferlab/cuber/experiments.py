@@ -127,12 +127,13 @@ def plot_matrices(rows: list[dict], cfg: dict, out_dir) -> list:
     paths = []
     if arms:
         fig, axes = plt.subplots(1, len(arms), figsize=(3.2 * len(arms), 3.2), squeeze=False)
-        for ax, arm in zip(axes[0], arms):
+        for k, (ax, arm) in enumerate(zip(axes[0], arms)):
             Rs = torch.tensor([r["metrics"]["R"] for r in rows if r["arm"] == arm], dtype=torch.float64)
             im = ax.imshow(Rs.mean(0).numpy(), vmin=0, vmax=100, cmap="viridis")
             ax.set_title(f"{arm} (n={len(Rs)})", fontsize=9)
             ax.set_xlabel("evaluated task j", fontsize=8)
-            ax.set_ylabel("after training task i", fontsize=8)
+            if k == 0:
+                ax.set_ylabel("after training task i", fontsize=8)
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="test accuracy %")
         path = out_dir / "accuracy_matrix.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -19,7 +19,7 @@ from ..core.errors import UserError
 from ..core.io import atomic_torch_save
 from .config import KindConfig
 from .gate import ClassGate
-from .layer import LEARNGENE_PARAMS, KindLinear, SplitQKV
+from .layer import LEARNGENE_PARAMS, TAILOR_PARAMS, KindLinear, SplitQKV
 
 # module-name suffix -> role, for transferlab/facebookresearch DiT (fused qkv) and diffusers DiT
 SUFFIX_ROLES = {
@@ -156,7 +156,8 @@ def transfer(model: nn.Module, new_classes: int, *, n_tailor: int | None = None,
     for the new classes; label embeddings are re-initialised (models with `reset_classes`). Other
     dense parts are frozen except the groups named in `train` (keys of `TRAINABLE_GROUPS`: label_embed,
     final_layer, adaln, time_embed, patch_embed) [reconstructed: the
-    paper does not say which dense parts are trained downstream]. Returns a parameter report.
+    paper does not say which dense parts are trained downstream]. `gate=None` keeps the pre-training
+    gate setting (True routes the new tailors by class). Returns a parameter report.
     """
     g = _gate(model)
     unknown = [t for t in train if t not in TRAINABLE_GROUPS]
@@ -210,10 +211,11 @@ def save_learngenes(model: nn.Module, path: str | Path | None = None, include_de
         raise UserError("the model has no KIND layers; nothing to save")
     state = {"format": "transferlab.kind.learngenes/1", "layers": genes}
     if include_dense:
+        # everything class-agnostic that is not a factor: embedders, adaLN, final layer, KIND biases
         skip = TRAINABLE_GROUPS["label_embed"]
-        kind_names = set(genes)
+        factors = {f"{k}.{p}" for k in genes for p in LEARNGENE_PARAMS + TAILOR_PARAMS}
         state["dense"] = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
-                          if not any(n.startswith(k + ".") for k in kind_names) and not any(s in n for s in skip)}
+                          if n not in factors and not any(s in n for s in skip)}
     if path is not None:
         atomic_torch_save(state, path)
     return state

@@ -38,7 +38,7 @@ def _controls(rows: list[dict], folds) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _notes(cfg: dict) -> str:
+def _notes(cfg: dict, seeds_done: int) -> str:
     names = ROTATIONS if cfg["family"] == "rotated" else CORRUPTIONS
     held = ", ".join(f"d{d} = {names[d]}" for d in cfg["held_out"])
     lines = [
@@ -47,7 +47,7 @@ def _notes(cfg: dict) -> str:
         + ("" if len(cfg["held_out"]) == 6 else " — **a subset of the six folds** (quick profile); "
            "acc_avg averages only these folds and other acc_d columns are empty."),
         f"- {cfg['n_train']} training + {cfg['n_val']} validation images per source domain, {cfg['n_test']} "
-        f"test images of the held-out domain; {cfg['seeds']} seed(s); meta-training "
+        f"test images of the held-out domain; {seeds_done} of {cfg['seeds']} seed(s) finished; meta-training "
         f"{cfg['meta_epochs']} x {cfg['episodes_per_epoch']} episodes.",
         f"- Every method sees consecutive unlabeled test batches of {cfg['support_size']} images and adapts to each "
         "from the source weights (episodic), then predicts that batch; ERM does not adapt.",
@@ -70,7 +70,8 @@ def _notes(cfg: dict) -> str:
 
 def plot_results(rows: list[dict], cfg: dict, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "notes.md", _notes(cfg) + _controls(rows, list(cfg["held_out"])))
+    seeds_done = len({r["seed"] for r in rows})
+    atomic_write_text(out_dir / "notes.md", _notes(cfg, seeds_done) + _controls(rows, list(cfg["held_out"])))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,6 +1,7 @@
 """Configuration of the CPRD objective.
 
-Chen et al., CVPR 2024 (arXiv 2407.07479), Sec. 4 (method). The abstract fixes the structure:
+Chen et al., CVPR 2024 (arXiv 2407.07479), method section (its number is unverified: only the
+abstract was available). The abstract fixes the structure:
 student-mined hard negatives, a partial ranking target from the cross-encoder, a contrastive
 objective, coordinated with the dual encoder's contrastive (ITC) loss. Every number below, and the
 validity rule, is **reconstructed** (the method section and hyperparameters were not available):
@@ -18,7 +19,7 @@ from .loss import VALID_RULES
 
 @dataclass(frozen=True)
 class CPRDConfig:
-    """CPRD loss settings (paper Sec. 4; K, tau, weight and validity rule reconstructed)."""
+    """CPRD loss settings (paper: method section and abstract; K, tau, weight, validity rule reconstructed)."""
 
     k: int | None = field(8, "hard negatives mined per anchor by the student (reconstructed; None = all "
                              "negatives, the cprd_all ablation)")

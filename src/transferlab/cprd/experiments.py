@@ -38,7 +38,7 @@ METRICS = ("RSUM", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_
 
 @dataclass(frozen=True)
 class ScenesConfig:
-    """CPRD on Fashion-MNIST scenes (paper Sec. 5 retrieval setting, scaled to CPU; data reconstructed)."""
+    """CPRD on Fashion-MNIST scenes (paper: COCO/Flickr retrieval experiments, scaled to CPU; reconstructed)."""
 
     arms: tuple[str, ...] = field(ARMS, "arms: infonce (ref), kl, rank, cprd, cprd_all")
     seeds: int = field(3, "number of seeds")

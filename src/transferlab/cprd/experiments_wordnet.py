@@ -42,7 +42,7 @@ METRICS = ("RSUM", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_
 
 @dataclass(frozen=True)
 class WordnetConfig:
-    """CPRD on WordNet example -> gloss retrieval (paper Sec. 5 setting transferred to text; reconstructed)."""
+    """CPRD on WordNet example -> gloss retrieval (paper: retrieval experiments moved to text; reconstructed)."""
 
     arms: tuple[str, ...] = field(ARMS, "arms: infonce (ref), kl, rank, cprd, cprd_all")
     seeds: int = field(3, "number of seeds")

@@ -115,7 +115,7 @@ class InfoNCELoss(ContrastiveDistillLoss):
 
 
 class CPRDLoss(ContrastiveDistillLoss):
-    """InfoNCE + λ·CPRD (image->text and text->image): the paper's objective (Sec. 4, reconstructed form).
+    """InfoNCE + λ·CPRD (image->text and text->image): the paper's objective (reconstructed form).
 
     `config.k=None` distils the order of *all* negatives instead of the K hard ones (ablation of finding 2).
     """

@@ -29,11 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="results", help="results folder (default: results)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    r.add_argument("--no-report", action="store_true", help="skip rebuilding report.md/html (the demo does it once)")
 
     d = sub.add_parser("demo", help="every experiment's quick profile, then the report")
     d.add_argument("--out", default="results")
     d.add_argument("--only", action="append", default=[], help="run only these experiments")
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    d.add_argument("--jobs", type=int, default=None, help="experiments run side by side (default: CPU cores)")
 
     rep = sub.add_parser("report", help="rebuild tables, plots, report.md and report.html from results")
     rep.add_argument("--out", default="results")
@@ -66,29 +68,27 @@ def _cmd_run(a) -> None:
     out_dir = run_experiment(a.name, profile=a.profile, seeds=a.seeds, overrides=a.overrides, out=a.out,
                              engine=engine)
     if engine.is_main:
-        write_report(a.out)
+        if not a.no_report:
+            write_report(a.out)
         print(f"table: {out_dir / 'table.md'}\n" + (out_dir / "table.md").read_text())
 
 
 def _cmd_demo(a) -> None:
-    from .core.engine import Engine
+    from .core.demo import run_demo
     from .core.registry import experiments, get_experiment
     from .core.report import write_report
-    from .core.results import check_writable, run_experiment
+    from .core.results import check_writable
 
-    check_writable(Path(a.out))
+    out = Path(a.out)
+    check_writable(out)
     names = a.only or list(experiments())
     for n in names:
         get_experiment(n)  # fail fast on a typo before running anything
-    engine = Engine(device=a.device)
     t0 = time.perf_counter()
-    for n in names:
-        t = time.perf_counter()
-        run_experiment(n, profile="quick", out=a.out, engine=engine)
-        engine.print0(f"[demo] {n} done in {time.perf_counter() - t:.0f}s")
-    md, html = write_report(a.out)
-    engine.print0(f"[demo] all done in {time.perf_counter() - t0:.0f}s\nreport: {md}\n        {html}")
-    engine.print0(md.read_text())
+    run_demo(names, out, jobs=a.jobs, device=a.device)
+    md, html = write_report(out)
+    print(md.read_text())
+    print(f"[demo] all done in {time.perf_counter() - t0:.0f}s\nreport: {md}\n        {html}")
 
 
 def _cmd_bench(a) -> None:

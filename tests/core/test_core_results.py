@@ -114,3 +114,9 @@ def test_list_names_the_example(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "fmnist-transfer" in out and "benchmarks:" in out
+
+
+def test_demo_rejects_unknown_experiment_before_running(tmp_path, capsys):
+    assert main(["demo", "--only", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown experiment 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()

@@ -216,7 +216,7 @@ def _evaluate(trainer, pool, scenes) -> tuple[dict, torch.Tensor]:
                 "(arms: infonce, kl, rank, cprd, cprd_all)",
     profiles={
         "quick": {"seeds": 2, "train_families": 600, "val_families": 50, "test_families": 100,
-                  "teacher_steps": 500, "student_steps": 250, "ckpt_every": 100},
+                  "teacher_steps": 300, "student_steps": 150, "ckpt_every": 100},
         "full": {"seeds": 3},
     },
     plot=plot_score_distributions,

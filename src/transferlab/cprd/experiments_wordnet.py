@@ -241,7 +241,7 @@ def _eval(model, enc, q_idx, g_idx, q_to_g):
                 "MiniLM cross-encoder teacher",
     profiles={
         "quick": {"seeds": 2, "train_synsets": 600, "val_synsets": 100, "test_synsets": 300, "max_tokens": 20,
-                  "teacher_steps": 200, "epochs": 5},
+                  "teacher_steps": 200, "epochs": 3},
         "full": {"seeds": 3},
     },
     plot=plot_score_distributions,

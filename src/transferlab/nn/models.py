@@ -6,7 +6,27 @@ import torch
 from torch import nn
 
 
-class SmallCNN(nn.Module):
+class FeatureHead(nn.Module):
+    """A `body` that maps inputs to features and a linear `classifier` on top.
+
+    Methods that work on representations (Meta-DMoE's experts and student, linear probing) call
+    `features(x)` and `head(z)`; `forward` is their composition.
+    """
+
+    body: nn.Module
+    classifier: nn.Linear
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        return self.classifier(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class SmallCNN(FeatureHead):
     """Two conv blocks + a hidden layer: ~100k parameters, ~90% on Fashion-MNIST."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32, hidden: int = 128,
@@ -21,17 +41,8 @@ class SmallCNN(nn.Module):
         self.classifier = nn.Linear(hidden, num_classes)
         self.feature_dim = hidden
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
-    def head(self, z: torch.Tensor) -> torch.Tensor:
-        return self.classifier(z)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-class MLP(nn.Module):
+class MLP(FeatureHead):
     """Fully connected net on flattened inputs; `bias=False` gives GPM's PMNIST network."""
 
     def __init__(self, in_features: int = 784, hidden=(100, 100), num_classes: int = 10, bias: bool = True):
@@ -43,12 +54,3 @@ class MLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.classifier = nn.Linear(d, num_classes, bias=bias)
         self.feature_dim = d
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def head(self, z: torch.Tensor) -> torch.Tensor:
-        return self.classifier(z)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))

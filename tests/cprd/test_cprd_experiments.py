@@ -85,11 +85,12 @@ def test_scenes_checkpoint_resume_gives_same_metrics(tmp_path):
     assert resumed["RSUM"] == pytest.approx(ref["RSUM"])
 
 
-def test_bad_config_errors():
+def test_bad_config_errors(tmp_path):
     with pytest.raises(UserError, match="rank_loss"):
-        run_experiment("cprd-fmnist-scenes", "quick", seeds=1, overrides=["rank_loss=foo"], out="/tmp/never")
+        run_experiment("cprd-fmnist-scenes", "quick", seeds=1, overrides=["rank_loss=foo"], out=tmp_path)
     with pytest.raises(UserError, match="must exceed k"):
-        run_experiment("cprd-wordnet", "quick", seeds=1, overrides=["batch_size=8"], out="/tmp/never")
+        run_experiment("cprd-wordnet", "quick", seeds=1, overrides=["batch_size=8"], out=tmp_path)
+    assert not (tmp_path / "cprd-fmnist-scenes" / "results.jsonl").exists()  # nothing half-written
 
 
 @pytest.mark.slow

@@ -43,6 +43,11 @@ def test_run_writes_results_table_and_report(tmp_path):
     # a rerun with the same config does nothing new
     assert main(["run", "fmnist-transfer", "--seeds", "2", "--out", str(tmp_path), *args]) == 0
     assert len(read_jsonl(d / "results.jsonl")) == 6
+    # one arm alone reuses the finished runs, and its table lists only that arm
+    assert main(["run", "fmnist-transfer", "--seeds", "2", "--out", str(tmp_path), "--set=arms=scratch", *args]) == 0
+    assert len(read_jsonl(d / "results.jsonl")) == 6
+    table = (d / "table.md").read_text()
+    assert "scratch" in table and "linear_probe" not in table
 
 
 def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):

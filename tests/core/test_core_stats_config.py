@@ -54,6 +54,7 @@ def test_bad_overrides_raise_user_error(item, msg):
         apply_overrides(Cfg(), [item])
 
 
-def test_config_hash_ignores_seeds_but_not_values():
+def test_config_hash_ignores_seeds_and_arms_but_not_values():
     assert config_hash(Cfg()) == config_hash(Cfg(seeds=9))
+    assert config_hash(Cfg()) == config_hash(Cfg(arms=("b",)))
     assert config_hash(Cfg()) != config_hash(Cfg(lr=0.5))

@@ -119,7 +119,10 @@ def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def config_hash(cfg, exclude: tuple[str, ...] = ("seeds",)) -> str:
-    """Short stable hash of a config's values (run folders are keyed by it)."""
+def config_hash(cfg, exclude: tuple[str, ...] = ("seeds", "arms")) -> str:
+    """Short stable hash of a config's values (run folders are keyed by it).
+
+    Seeds and arms are left out: each (arm, seed) run is independent, so adding a seed or an arm to a
+    finished experiment reuses the runs already done instead of starting over."""
     d = {k: v for k, v in to_dict(cfg).items() if k not in exclude}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

@@ -123,5 +123,7 @@ def latest_rows(out_dir: Path) -> tuple[list[dict], dict | None]:
     import json
 
     latest = json.loads(latest_file.read_text())
-    rows = [r for r in read_jsonl(out_dir / "results.jsonl") if r.get("config_hash") == latest["config_hash"]]
+    arms = set(latest["config"].get("arms", ()))
+    rows = [r for r in read_jsonl(out_dir / "results.jsonl")
+            if r.get("config_hash") == latest["config_hash"] and (not arms or r["arm"] in arms)]
     return rows, latest

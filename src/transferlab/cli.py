@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     r.add_argument("--no-report", action="store_true", help="skip rebuilding report.md/html (the demo does it once)")
+    r.add_argument("--jobs", type=int, default=1,
+                   help="(arm, seed) runs side by side in separate processes, sharing the CPU cores or the one GPU "
+                        "(small models leave a GPU mostly idle); logs in OUT/NAME/job-<k>.log")
+    r.add_argument("--claims", default=None, help=argparse.SUPPRESS)  # internal: set by --jobs for its workers
 
     d = sub.add_parser("demo", help="every experiment's quick profile, then the report")
     d.add_argument("--out", default="results")
@@ -64,13 +68,50 @@ def _cmd_run(a) -> None:
     from .core.results import check_writable, run_experiment
 
     check_writable(Path(a.out))
-    engine = Engine(device=a.device, mixed_precision=a.mixed_precision)
-    out_dir = run_experiment(a.name, profile=a.profile, seeds=a.seeds, overrides=a.overrides, out=a.out,
-                             engine=engine)
-    if engine.is_main:
-        if not a.no_report:
-            write_report(a.out)
-        print(f"table: {out_dir / 'table.md'}\n" + (out_dir / "table.md").read_text())
+    if a.jobs != 1:
+        out_dir = _run_jobs(a)
+    else:
+        engine = Engine(device=a.device, mixed_precision=a.mixed_precision)
+        out_dir = run_experiment(a.name, profile=a.profile, seeds=a.seeds, overrides=a.overrides, out=a.out,
+                                 engine=engine, report=a.claims is None, claim_dir=a.claims)
+        if not engine.is_main or a.claims is not None:
+            return
+    if not a.no_report:
+        write_report(a.out)
+    print(f"table: {out_dir / 'table.md'}\n" + (out_dir / "table.md").read_text())
+
+
+def _run_jobs(a) -> Path:
+    """`run --jobs N`: N worker processes claim the unfinished (arm, seed) runs; then one report."""
+    import os
+    import shutil
+
+    from .core.jobs import fresh_claim_dir, run_side_by_side
+    from .core.registry import get_experiment
+    from .core.report import write_experiment_report
+    from .core.results import resolve_config
+
+    if a.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {a.jobs}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--jobs runs its own processes; use it without `accelerate launch`, or drop --jobs")
+    resolve_config(get_experiment(a.name), a.profile, a.overrides, a.seeds)  # typos fail before any process starts
+    out_dir = Path(a.out) / a.name
+    claims = fresh_claim_dir(out_dir)
+    argv = ["run", a.name, "--profile", a.profile, "--out", a.out, "--device", a.device,
+            "--mixed-precision", a.mixed_precision, "--no-report", "--claims", str(claims)]
+    argv += ["--seeds", str(a.seeds)] if a.seeds is not None else []
+    argv += [f"--set={o}" for o in a.overrides]
+    try:
+        results = run_side_by_side([(f"job {k}", argv, out_dir / f"job-{k}.log") for k in range(a.jobs)], a.jobs,
+                                   a.name)
+    finally:
+        shutil.rmtree(claims, ignore_errors=True)
+    failed = [label for label, rc, _ in results if rc != 0]
+    if failed:
+        raise UserError(f"{', '.join(failed)} failed; see {out_dir}/job-<k>.log, then rerun the same command to resume")
+    write_experiment_report(out_dir)
+    return out_dir
 
 
 def _cmd_demo(a) -> None:

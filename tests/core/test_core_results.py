@@ -50,6 +50,19 @@ def test_run_writes_results_table_and_report(tmp_path):
     assert "scratch" in table and "linear_probe" not in table
 
 
+def test_jobs_share_the_runs_and_match_a_sequential_run(tmp_path):
+    args = [f"--set={s}" for s in TINY]
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    # both with one torch thread per process: a different thread count may change float sums
+    assert _cli("run", "fmnist-transfer", "--seeds", "2", "--out", str(seq), "--no-report", *args).returncode == 0
+    r = _cli("run", "fmnist-transfer", "--seeds", "2", "--jobs", "2", "--out", str(par), "--no-report", *args)
+    assert r.returncode == 0, r.stderr
+    d = par / "fmnist-transfer"
+    assert _metrics(d / "results.jsonl") == _metrics(seq / "fmnist-transfer" / "results.jsonl")  # each run once
+    assert (d / "job-0.log").exists() and (d / "job-1.log").exists() and (d / "table.md").exists()
+    assert not list(d.glob(".claims-*"))
+
+
 def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
     # enough pre-training work that the kill lands after a checkpoint and before the end
     sets = [f"--set={s}" for s in TINY if not s.startswith(("source_per_class", "pretrain_epochs", "width"))]

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import torch
 
+try:  # POSIX advisory locks for concurrent appends; elsewhere O_APPEND alone
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
@@ -53,11 +58,17 @@ def append_jsonl(path, record: dict) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True, default=str) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    # One os.write on an O_APPEND descriptor, under an exclusive lock: workers of `run --jobs N`
+    # append to the same log, and a buffered text file may split a long line into several writes.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path) -> list[dict]:

@@ -25,6 +25,7 @@ from .config import apply_overrides, config_hash, to_dict
 from .engine import Engine
 from .errors import UserError
 from .io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from .jobs import claim
 from .registry import Experiment, get_experiment
 
 
@@ -72,8 +73,13 @@ def resolve_config(exp: Experiment, profile: str, overrides: list[str] | dict | 
 
 
 def run_experiment(name: str, profile: str = "quick", seeds: int | None = None, overrides=None,
-                   out: str | Path = "results", engine: Engine | None = None, report: bool = True) -> Path:
-    """Run every (seed, arm) of an experiment that is not finished yet; returns the experiment folder."""
+                   out: str | Path = "results", engine: Engine | None = None, report: bool = True,
+                   claim_dir: Path | None = None) -> Path:
+    """Run every (seed, arm) of an experiment that is not finished yet; returns the experiment folder.
+
+    With `claim_dir` this process is one of several workers (`transferlab run --jobs N`): it runs only
+    the (arm, seed) pairs it claims first, walking arm by arm (see `core.jobs`).
+    """
     exp = get_experiment(name)
     cfg = resolve_config(exp, profile, overrides, seeds)
     out_dir = Path(out) / name
@@ -86,7 +92,11 @@ def run_experiment(name: str, profile: str = "quick", seeds: int | None = None, 
     done = {(r["arm"], r["seed"]) for r in read_jsonl(log) if r.get("config_hash") == h}
     todo = [(s, a) for s in range(cfg.seeds) for a in cfg.arms if (a, s) not in done]
     engine.print0(f"[{name}] profile={profile} config={h}: {len(todo)} of {cfg.seeds * len(cfg.arms)} runs to do")
+    if claim_dir is not None:
+        todo.sort(key=lambda sa: (cfg.arms.index(sa[1]), sa[0]))
     for seed, arm in todo:
+        if claim_dir is not None and not claim(Path(claim_dir), f"{h}-{arm}-seed{seed}"):
+            continue
         run_dir = out_dir / "runs" / h / f"{arm}-seed{seed}"
         engine.run_dir = run_dir
         engine.seed(seed)

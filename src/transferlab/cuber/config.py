@@ -13,7 +13,8 @@ from ..core.errors import UserError
 from .memory import check_threshold
 
 SOLVERS = ("eigh", "svd", "lowrank")
-STEP_RULES = ("agem", "gate", "free", "along")
+STEP_RULES = ("agem", "gate", "free", "along", "backward", "share_q")
+CORR_SPACES = ("subspace", "full")
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,16 @@ class CUBERConfig(TRGPConfig):
                             "new task's and old task's in-subspace gradients")
     step_rule: str = field("gate", "[reconstructed] in-subspace step per batch: agem (remove the part that would "
                            "raise an old task's first-order loss), gate (drop it if it would), free (keep it), "
-                           "along (keep only the component along old tasks' own stored gradients, when positive)")
-    step_scale: float = field(1.0, "[reconstructed] scale of the in-subspace component of the update")
+                           "along (keep only the component along old tasks' own stored gradients, when positive); "
+                           "reading (a) backward: the new task's gradient stays GPM-projected and each batch adds an "
+                           "explicit step along old task j's stored in-subspace gradient, only when it also lowers "
+                           "the new task's and no other old task's first-order loss; reading (b) share_q: the weights "
+                           "stay GPM-projected and old task j adopts the new task's TRGP scaling on S_j, "
+                           "step_scale * (Q_tj - I), when that lowers j's first-order loss")
+    step_scale: float = field(1.0, "[reconstructed] scale of the in-subspace component of the update (backward: "
+                              "the step size beta on the stored old-task gradient; share_q: the share gamma of Q_tj-I)")
+    corr_space: str = field("subspace", "[reconstructed] where the positive-correlation cosine is measured: subspace "
+                            "(cos(P_j g_t, P_j g_j)) or, reading (c), full (cos(g_t, g_j) over the whole layer)")
     trust_radius: float = field(0.02, "[reconstructed] in-subspace moves fade out once they reach this fraction of "
                                 "the in-subspace weight norm per task (0 = unbounded)")
     grad_samples: int = field(300, "[reconstructed] samples used for the end-of-task gradient g_j stored per layer")
@@ -108,6 +117,8 @@ class CUBERConfig(TRGPConfig):
             raise UserError(f"eps_corr is a cosine threshold in [-1, 1], got {self.eps_corr}")
         if self.step_rule not in STEP_RULES:
             raise UserError(f"step_rule must be one of {STEP_RULES}, got {self.step_rule!r}")
+        if self.corr_space not in CORR_SPACES:
+            raise UserError(f"corr_space must be one of {CORR_SPACES}, got {self.corr_space!r}")
         if self.step_scale < 0 or self.grad_samples < 1 or self.trust_radius < 0:
             raise UserError("step_scale and trust_radius must be >= 0 and grad_samples >= 1")
 

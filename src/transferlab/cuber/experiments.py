@@ -50,7 +50,9 @@ class StreamConfig:
     eps_proj: float = field(0.2, "TRGP/CUBER trust-region threshold eps_1")
     eps_corr: float = field(0.3, "[reconstructed] CUBER positive-correlation threshold (cosine; chosen on "
                             "rotated validation)")
-    step_rule: str = field("gate", "[reconstructed] CUBER in-subspace step rule: agem, gate, free, along")
+    step_rule: str = field("gate", "[reconstructed] CUBER in-subspace step rule: agem, gate, free, along, "
+                           "backward (reading a), share_q (reading b); see CUBERConfig")
+    corr_space: str = field("subspace", "[reconstructed] CUBER correlation cosine: subspace, or full (reading c)")
     step_scale: float = field(1.0, "[reconstructed] CUBER in-subspace step scale")
     trust_radius: float = field(0.02, "[reconstructed] CUBER in-subspace trust radius (fraction of the in-subspace "
                                 "weight norm; chosen on rotated validation)")
@@ -87,7 +89,7 @@ def make_strategy(arm: str, model, cfg, forward=None):
     if arm == "cuber":
         return CUBER(model, CUBERConfig(**g, eps_proj=cfg.eps_proj, eps_corr=cfg.eps_corr, step_rule=cfg.step_rule,
                                         step_scale=cfg.step_scale, scale_regime3=cfg.scale_regime3,
-                                        trust_radius=cfg.trust_radius), forward)
+                                        trust_radius=cfg.trust_radius, corr_space=cfg.corr_space), forward)
     raise UserError(f"unknown arm {arm!r}")
 
 

@@ -38,6 +38,12 @@ def cosine_correlation(g_new: torch.Tensor, g_old: torch.Tensor, U: torch.Tensor
     return 0.0 if d == 0 else ((a * b).sum() / d).item()
 
 
+def full_cosine(g_new: torch.Tensor, g_old: torch.Tensor, U: torch.Tensor) -> float:
+    """[reconstructed, reading (c)] cos(g_new, g_old) over the whole layer, ignoring the subspace U."""
+    d = g_new.norm() * g_old.norm()
+    return 0.0 if d == 0 else ((g_new * g_old).sum() / d).item()
+
+
 def classify(g_new: torch.Tensor, U: torch.Tensor, eps_proj: float, g_old: torch.Tensor | None = None,
              eps_corr: float | None = None, correlation=cosine_correlation) -> tuple[int, float, float]:
     """Regime of one (layer, old task): 1 weak projection, 2 trust region, 3 trust region + positive correlation.
@@ -75,6 +81,24 @@ def in_subspace_step(g: torch.Tensor, B: torch.Tensor, anchors: list[torch.Tenso
             if rule == "gate":
                 return torch.zeros_like(d)
             d = d - dot / (h * h).sum().clamp_min(1e-30) * h
+    return d
+
+
+def backward_step(g: torch.Tensor, anchors: list[torch.Tensor], others: list[torch.Tensor],
+                  scale: float = 1.0) -> torch.Tensor:
+    """[reconstructed, reading (a)] An explicit backward-transfer step for Regime-3 old tasks.
+
+    d = scale * sum_j h_j over the Regime-3 anchors h_j (old task j's stored gradient inside S_j)
+    with <h_j, g> > 0, i.e. the SGD step -lr*d lowers the new task's first-order loss (by lr<d, g>)
+    as well as task j's (by lr*scale*||h_j||^2). The step is dropped if it would raise any old task's
+    first-order loss (<d, h_k> < 0 for an anchor h_k in `others`: every old task's stored anchor).
+    """
+    d = torch.zeros_like(g)
+    for h in anchors:
+        if (h * g).sum() > 0:
+            d = d + scale * h
+    if any((d * h).sum() < 0 for h in others):
+        return torch.zeros_like(g)
     return d
 
 
@@ -228,29 +252,41 @@ class CUBER(TRGP):
             raise UserError("CUBER needs a CUBERConfig")
         super().__init__(model, cfg, forward, layers)
         self.task_grads: list[dict[str, torch.Tensor]] = []
+        self.q_grads: list[dict[str, torch.Tensor]] = []  # share_q: dL_j/dQ for a scaling on S_j, at Q = I
+        self.others: dict[str, list[torch.Tensor]] = {}  # backward: every old task's anchor per layer
         self.positive: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # layer -> (B, anchors)
         self.start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (W at task start, ||W B||)
 
     def _regime(self, layer: str, j: int, g: torch.Tensor) -> tuple[int, float, float]:
+        corr = full_cosine if self.cfg.corr_space == "full" else cosine_correlation
         return classify(g, self.task_bases[j][layer], self.cfg.eps_proj, self.task_grads[j][layer],
-                        self.cfg.eps_corr)
+                        self.cfg.eps_corr, corr)
+
+    def _anchor(self, n: str, j: int) -> torch.Tensor:
+        """Old task j's stored gradient restricted to its own subspace S_j (a weight-space direction)."""
+        U = self.task_bases[j][n]
+        return (self.task_grads[j][n] @ U) @ U.T
 
     def _scaled(self, regime: int) -> bool:
         return regime == REGIME_TRUST or (regime == REGIME_POSITIVE and self.cfg.scale_regime3)
 
     def before_task(self, task_id: int, loader) -> None:
         super().before_task(task_id, loader)
-        self.positive, self.start = {}, {}
+        self.positive, self.start, self.others = {}, {}, {}
+        if self.cfg.step_rule == "share_q":  # reading (b): the weights move as in TRGP; see after_task
+            self._set_projection()
+            return
         for n, res in self.regimes.get(task_id, {}).items():
             pos = [j for j, regime, *_ in res if regime == REGIME_POSITIVE]
             if not pos:
                 continue
+            self.others[n] = [self._anchor(n, j) for j in range(len(self.task_bases))]
             U = torch.cat([self.task_bases[j][n] for j in pos], 1).double()
             M = self.memory.bases[n].double()
             U = M @ (M.T @ U)  # only the protected span: outside it GPM already lets the weights move
             Uo, S, _ = torch.linalg.svd(U, full_matrices=False)  # orthonormal basis of the union
             B = Uo[:, S > 1e-6 * S[0]].float()
-            anchors = [(self.task_grads[j][n] @ self.task_bases[j][n]) @ self.task_bases[j][n].T for j in pos]
+            anchors = [self._anchor(n, j) for j in pos]
             self.positive[n] = (B, anchors)
             w0 = self.memory.modules[n].weight.detach().reshape(len(self.memory.modules[n].weight), -1).clone()
             self.start[n] = (w0, (w0 @ B).norm().clamp_min(1e-12))
@@ -261,7 +297,11 @@ class CUBER(TRGP):
         for n, (B, anchors) in self.positive.items():
             w = self.memory.modules[n].weight
             if w.grad is not None:
-                d = in_subspace_step(w.grad.view(w.shape[0], -1), B, anchors, self.cfg.step_rule, self.cfg.step_scale)
+                g = w.grad.view(w.shape[0], -1)
+                if self.cfg.step_rule == "backward":
+                    d = backward_step(g, anchors, self.others.get(n, []), self.cfg.step_scale)
+                else:
+                    d = in_subspace_step(g, B, anchors, self.cfg.step_rule, self.cfg.step_scale)
                 keep[n] = d * self._budget(n, w, B)
         super().after_backward(model)
         with torch.no_grad():
@@ -286,12 +326,47 @@ class CUBER(TRGP):
         self.use_task(task_id)
         x, y = take_samples(loader, self.cfg.grad_samples)
         self.task_grads.append(self.layer_grads(task_id, x, y))
+        if self.cfg.step_rule == "share_q":
+            self._share_scales(task_id)
         super().after_task(task_id, loader)
+        if self.cfg.step_rule == "share_q":
+            self.q_grads.append(self._scale_grads(task_id, x, y))
+            self.use_task(task_id)
         self.positive = {}
 
+    @torch.no_grad()
+    def _share_scales(self, t: int) -> None:
+        """[reconstructed, reading (b)] Old task j adopts the re-mixing that the positively correlated
+        new task t learnt on S_j: W_eff,j gains W U_j (gamma (Q_tj - I)) U_j^T, kept only when the
+        stored dL_j/dQ says it lowers j's loss to first order (<dL_j/dQ, Q_tj - I> < 0). Only task j's
+        evaluation changes; the shared weights and every other task are untouched."""
+        for n, qs in self.scales.get(t, {}).items():
+            regimes = {j: reg for j, reg, *_ in self.regimes[t].get(n, [])}
+            for j, Q in qs:
+                if regimes.get(j) != REGIME_POSITIVE or j >= len(self.q_grads):
+                    continue
+                dQ = Q.detach() - torch.eye(Q.shape[0], device=Q.device)
+                if (self.q_grads[j][n] * dQ).sum() < 0:
+                    share = torch.eye(Q.shape[0], device=Q.device) + self.cfg.step_scale * dQ
+                    self.scales.setdefault(j, {}).setdefault(n, []).append((j, share))
+
+    def _scale_grads(self, j: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """dL_j/dQ at Q = I for an extra scaling on task j's own basis U_j (a gradient, no data kept)."""
+        self.use_task(j)
+        extra = {}
+        for n, p in self.patches.items():
+            Q = torch.eye(self.task_bases[j][n].shape[1], device=self.device).requires_grad_(True)
+            p.scales = p.scales + [(self.task_bases[j][n], Q)]
+            extra[n] = Q
+        self.layer_grads(j, x, y)  # fills Q.grad as a side effect (patches keep their scales)
+        out = {n: Q.grad.detach().clone() if Q.grad is not None else torch.zeros_like(Q) for n, Q in extra.items()}
+        self.use_task(j)
+        return out
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "task_grads": self.task_grads}
+        return {**super().state_dict(), "task_grads": self.task_grads, "q_grads": self.q_grads}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.task_grads = state["task_grads"]
+        self.q_grads = state.get("q_grads", [])

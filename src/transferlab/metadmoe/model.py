@@ -19,6 +19,7 @@ from ..core.errors import UserError
 from ..nn import batches
 from .aggregator import Aggregator
 from .config import MetaDMoEConfig
+from .layout import maybe_channels_last
 
 Domain = tuple[torch.Tensor, torch.Tensor]  # (images, labels) of one source domain
 
@@ -67,14 +68,19 @@ def call_with(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tenso
 
 
 class AdaptedStudent:
-    """The student with adapted feature parameters; the stored student is never modified."""
+    """The student with adapted feature parameters; the stored student is never modified.
 
-    def __init__(self, student: nn.Module, params: dict[str, torch.Tensor], input_shape=None):
+    `channels_last` is the layout policy of `MetaDMoE` (see layout.py): it changes speed, not values.
+    """
+
+    def __init__(self, student: nn.Module, params: dict[str, torch.Tensor], input_shape=None,
+                 channels_last: bool | None = None):
         self.student, self.params, self.input_shape = student, params, input_shape
+        self.channels_last = channels_last
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return call_with(self.student, self.params, x, logits=False)
+        return call_with(self.student, self.params, maybe_channels_last(x, self.channels_last), logits=False)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +88,7 @@ class AdaptedStudent:
         was = self.student.training
         self.student.eval()
         try:
-            return call_with(self.student, self.params, x, logits=True)
+            return call_with(self.student, self.params, maybe_channels_last(x, self.channels_last), logits=True)
         finally:
             self.student.train(was)
 
@@ -98,11 +104,15 @@ class MetaDMoE(nn.Module):
         student: the backbone that is adapted at test time; `features(x)` must return [B, D].
         config: `MetaDMoEConfig`.
         groups: `groups[d]` = index of the expert trained on source domain d (default: domain d -> expert d).
+        input_shape: per-sample shape, checked on every batch (optional).
+        channels_last: layout of 4-D image batches in the teacher, `adapt` and `predict` (layout.py):
+            None (default) = channels-last on CPU, where NCHW pooling/convolution is several times slower;
+            True/False force it on/off. Values are the same up to float rounding; weights are never touched.
     """
 
     def __init__(self, experts: Sequence[nn.Module], aggregator: Aggregator | None, student: nn.Module,
                  config: MetaDMoEConfig | None = None, groups: Sequence[int] | None = None,
-                 input_shape: Sequence[int] | None = None):
+                 input_shape: Sequence[int] | None = None, channels_last: bool | None = None):
         super().__init__()
         self.config = config or MetaDMoEConfig()
         if len(experts) == 0:
@@ -119,6 +129,9 @@ class MetaDMoE(nn.Module):
         self.student = student
         self.groups = tuple(groups) if groups is not None else tuple(range(len(experts)))
         self.input_shape = tuple(input_shape) if input_shape is not None else None
+        if channels_last not in (None, True, False):
+            raise UserError(f"channels_last must be None (auto), True or False, got {channels_last!r}")
+        self.channels_last = channels_last
         self.history: list[dict] = []
 
     @property
@@ -129,6 +142,7 @@ class MetaDMoE(nn.Module):
     @torch.no_grad()
     def expert_tokens(self, x: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
         """Frozen experts' features of x as tokens [B, N, D] (or N-1 without expert `exclude`)."""
+        x = maybe_channels_last(x, self.channels_last)  # converted once, shared by all experts
         feats = []
         for i, e in enumerate(self.experts):
             if i == exclude:
@@ -190,17 +204,20 @@ class MetaDMoE(nn.Module):
         for m, _ in modes:
             m.eval()  # BN running statistics and aggregator dropout stay fixed (official: eval mode)
         try:
+            x = maybe_channels_last(unlabeled_x, self.channels_last)  # once for teacher and student
             with torch.no_grad():
-                target = self.teacher(unlabeled_x, exclude_expert)
+                target = self.teacher(x, exclude_expert)
+            # detached aliases, not copies: the step builds new tensors, the stored weights are never written
             params = {n: p.detach().requires_grad_(True) for n, p in self.student.named_parameters()}
             with torch.enable_grad():
-                for _ in range(steps):
+                for _ in range(steps):  # first order is exact here: nothing differentiates through the step
                     params, _ = self.inner_step(params, unlabeled_x, target, lr, create_graph=False)
                     params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         finally:
             for m, was in modes:
                 m.train(was)
-        return AdaptedStudent(self.student, {n: p.detach() for n, p in params.items()}, self.input_shape)
+        return AdaptedStudent(self.student, {n: p.detach() for n, p in params.items()}, self.input_shape,
+                              self.channels_last)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, adapted: AdaptedStudent | None = None) -> torch.Tensor:
@@ -212,7 +229,7 @@ class MetaDMoE(nn.Module):
         was = self.student.training
         self.student.eval()
         try:
-            return call_with(self.student, params, x, logits=True)
+            return call_with(self.student, params, maybe_channels_last(x, self.channels_last), logits=True)
         finally:
             self.student.train(was)
 

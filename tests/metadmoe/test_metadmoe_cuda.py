@@ -20,3 +20,14 @@ def test_adapt_and_meta_step_match_cpu_on_cuda():
     torch.testing.assert_close(b.cpu(), a, atol=1e-8, rtol=1e-6)
     with pytest.raises(ValueError, match="move it with"):
         gpu.adapt(x)  # a CPU batch for a GPU model gets a clear error
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("channels_last", [None, True])
+def test_cnn_adapt_on_cuda_matches_cpu_in_either_layout(channels_last):
+    from .test_metadmoe_layout import cnn_model, images
+
+    cpu, gpu = cnn_model(), cnn_model(channels_last).cuda()
+    x, xq = images(), images(seed=2)
+    torch.testing.assert_close(gpu.adapt(x.cuda()).predict(xq.cuda()).cpu(), cpu.adapt(x).predict(xq),
+                               atol=1e-8, rtol=1e-6)

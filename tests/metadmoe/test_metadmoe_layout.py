@@ -1,4 +1,4 @@
-"""Channels-last fast path of the teacher / `adapt` (layout.py): same values, used when it should be, weights untouched."""
+"""Channels-last fast path of teacher and `adapt` (layout.py): same values, used when it should be, weights kept."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ from transferlab.core.errors import UserError
 from transferlab.metadmoe import Aggregator, MetaDMoE, MetaDMoEConfig
 from transferlab.metadmoe.layout import to_channels_last, wants_channels_last
 from transferlab.nn import SmallCNN
+from transferlab.nn.models import FeatureHead
 
 from .helpers import same_state, state
 
@@ -103,3 +104,38 @@ def test_float32_cnn_fast_path_matches_within_float_rounding():
     a, b = fast.adapt(x), slow.adapt(x)
     for k in a.params:
         torch.testing.assert_close(a.params[k], b.params[k], atol=1e-6, rtol=1e-5)
+
+
+class ViewNet(FeatureHead):
+    """A CNN that flattens with `.view`, which fails on a channels-last activation with > 1 channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.lin = torch.nn.Linear(4 * 28 * 28, 8)
+        self.classifier = torch.nn.Linear(8, 3)
+
+    def features(self, x):
+        h = torch.relu(self.conv(x))
+        return self.lin(h.view(h.shape[0], -1))
+
+
+def view_model(channels_last):
+    torch.manual_seed(0)
+    nets = [ViewNet().double() for _ in range(3)]
+    return MetaDMoE(nets, Aggregator(8, heads=2, dropout=0.0).double(), ViewNet().double(), MetaDMoEConfig(),
+                    input_shape=(1, 28, 28), channels_last=channels_last)
+
+
+def test_auto_layout_falls_back_to_nchw_for_backbones_that_cannot_take_channels_last():
+    auto, off = view_model(None), view_model(False)
+    x, xq = images(), images(seed=2)
+    with pytest.raises(RuntimeError, match="view"):  # the backbone really fails on a channels-last batch
+        auto.student.features(to_channels_last(x))
+    a, b = auto.adapt(x), off.adapt(x)
+    assert not auto.layout.works  # learned once, NCHW from now on
+    for k in a.params:
+        torch.testing.assert_close(a.params[k], b.params[k], atol=0, rtol=0)
+    torch.testing.assert_close(a.predict(xq), b.predict(xq), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="view"):  # forced on: the error is not hidden
+        view_model(True).adapt(x)

@@ -11,7 +11,12 @@ weights are never touched (no copy, no cache to invalidate). Measured numbers: d
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 
 def wants_channels_last(x: torch.Tensor, policy: bool | None) -> bool:
@@ -38,5 +43,29 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
 
 
-def maybe_channels_last(x: torch.Tensor, policy: bool | None) -> torch.Tensor:
-    return to_channels_last(x) if wants_channels_last(x, policy) else x
+class Layout:
+    """A model's layout policy (None = auto, True, False) plus what auto learned about its backbones.
+
+    Some backbones cannot take a channels-last batch, e.g. `h.view(B, -1)` after a convolution with
+    more than one channel raises. Under auto, `run` then repeats the call in NCHW and stays NCHW for
+    this model; with `policy=True` the error is raised. Only pure computations (no weight updates)
+    are run through `run`, so repeating one is safe.
+    """
+
+    def __init__(self, policy: bool | None = None):
+        self.policy, self.works = policy, True
+
+    def wants(self, x: torch.Tensor) -> bool:
+        return self.works and wants_channels_last(x, self.policy)
+
+    def run(self, fn: Callable[[torch.Tensor], T], x: torch.Tensor) -> T:
+        if not self.wants(x):
+            return fn(x)
+        try:
+            return fn(to_channels_last(x))
+        except RuntimeError:
+            if self.policy is True:
+                raise
+            out = fn(x)  # if NCHW fails too, that error is the user's real problem and propagates
+            self.works = False
+            return out

@@ -19,7 +19,7 @@ from ..core.errors import UserError
 from ..nn import batches
 from .aggregator import Aggregator
 from .config import MetaDMoEConfig
-from .layout import maybe_channels_last
+from .layout import Layout
 
 Domain = tuple[torch.Tensor, torch.Tensor]  # (images, labels) of one source domain
 
@@ -70,17 +70,20 @@ def call_with(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tenso
 class AdaptedStudent:
     """The student with adapted feature parameters; the stored student is never modified.
 
-    `channels_last` is the layout policy of `MetaDMoE` (see layout.py): it changes speed, not values.
+    `layout` is the `MetaDMoE`'s layout policy (layout.py): it changes speed, not values.
     """
 
     def __init__(self, student: nn.Module, params: dict[str, torch.Tensor], input_shape=None,
-                 channels_last: bool | None = None):
+                 layout: Layout | None = None):
         self.student, self.params, self.input_shape = student, params, input_shape
-        self.channels_last = channels_last
+        self.layout = layout or Layout()
+
+    def _call(self, x: torch.Tensor, logits: bool) -> torch.Tensor:
+        return self.layout.run(lambda xx: call_with(self.student, self.params, xx, logits=logits), x)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return call_with(self.student, self.params, maybe_channels_last(x, self.channels_last), logits=False)
+        return self._call(x, logits=False)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +91,7 @@ class AdaptedStudent:
         was = self.student.training
         self.student.eval()
         try:
-            return call_with(self.student, self.params, maybe_channels_last(x, self.channels_last), logits=True)
+            return self._call(x, logits=True)
         finally:
             self.student.train(was)
 
@@ -131,7 +134,7 @@ class MetaDMoE(nn.Module):
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         if channels_last not in (None, True, False):
             raise UserError(f"channels_last must be None (auto), True or False, got {channels_last!r}")
-        self.channels_last = channels_last
+        self.layout = Layout(channels_last)
         self.history: list[dict] = []
 
     @property
@@ -142,16 +145,20 @@ class MetaDMoE(nn.Module):
     @torch.no_grad()
     def expert_tokens(self, x: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
         """Frozen experts' features of x as tokens [B, N, D] (or N-1 without expert `exclude`)."""
-        x = maybe_channels_last(x, self.channels_last)  # converted once, shared by all experts
-        feats = []
-        for i, e in enumerate(self.experts):
-            if i == exclude:
-                continue  # dropped, not zeroed: the masked expert cannot influence the teacher at all
-            was = e.training
-            e.eval()
-            feats.append(e.features(x))
-            e.train(was)
-        return torch.stack(feats, dim=1)
+        def run(x):  # x is converted once (layout.py) and shared by all experts
+            feats = []
+            for i, e in enumerate(self.experts):
+                if i == exclude:
+                    continue  # dropped, not zeroed: the masked expert cannot influence the teacher at all
+                was = e.training
+                e.eval()
+                try:
+                    feats.append(e.features(x))
+                finally:
+                    e.train(was)
+            return torch.stack(feats, dim=1)
+
+        return self.layout.run(run, x)
 
     def teacher(self, x: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
         """Teacher feature [B, D]; gradients flow into the aggregator (not into the experts)."""
@@ -203,21 +210,25 @@ class MetaDMoE(nn.Module):
         modes = [(m, m.training) for m in (self.student, self.aggregator) if m is not None]
         for m, _ in modes:
             m.eval()  # BN running statistics and aggregator dropout stay fixed (official: eval mode)
-        try:
-            x = maybe_channels_last(unlabeled_x, self.channels_last)  # once for teacher and student
+
+        def run(x):  # pure: reads the stored weights, never writes them (so layout.run may repeat it)
             with torch.no_grad():
                 target = self.teacher(x, exclude_expert)
             # detached aliases, not copies: the step builds new tensors, the stored weights are never written
             params = {n: p.detach().requires_grad_(True) for n, p in self.student.named_parameters()}
             with torch.enable_grad():
                 for _ in range(steps):  # first order is exact here: nothing differentiates through the step
-                    params, _ = self.inner_step(params, unlabeled_x, target, lr, create_graph=False)
+                    params, _ = self.inner_step(params, x, target, lr, create_graph=False)
                     params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+            return params
+
+        try:
+            params = self.layout.run(run, unlabeled_x)  # converted once, for teacher and student
         finally:
             for m, was in modes:
                 m.train(was)
         return AdaptedStudent(self.student, {n: p.detach() for n, p in params.items()}, self.input_shape,
-                              self.channels_last)
+                              self.layout)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, adapted: AdaptedStudent | None = None) -> torch.Tensor:
@@ -229,7 +240,7 @@ class MetaDMoE(nn.Module):
         was = self.student.training
         self.student.eval()
         try:
-            return call_with(self.student, params, maybe_channels_last(x, self.channels_last), logits=True)
+            return self.layout.run(lambda xx: call_with(self.student, params, xx, logits=True), x)
         finally:
             self.student.train(was)
 

@@ -3,9 +3,21 @@
 Batch 512, K = 16, embedding dim 256; the teacher scores are a precomputed matrix, so the ratio
 measures the loss itself (mining, gather, sort, suffix logsumexp), not a teacher's forward pass.
 Target: at most 1.5x InfoNCE alone (issue 8).
+
+Why several batches in rotation: a training step never sees the same batch twice in a row. Timing
+one repeated batch lets the CPU's branch predictor learn `topk`/`sort`'s comparisons, which makes
+comparison-heavy code (CPRD's mining) look ~10% cheaper than it is. Both losses see the same batches.
+
+Two lines on CPU: wall clock (the harness's interleaved medians; informational) and process CPU
+time of alternating single steps, which carries the target: on a shared machine wall time also
+measures the neighbours' load (observed here: wall ratios 0.93-1.86 for CPU-time ratios 1.31-1.45).
+On CUDA the wall-clock line (synchronised) carries the target.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -15,28 +27,57 @@ from ..core.registry import register_benchmark
 from .model import CPRDLoss, InfoNCELoss
 
 
-def _setup(device: str, n: int = 512, dim: int = 256):
+def _setup(device: str, n: int = 512, dim: int = 256, batches: int = 4):
+    """`batches` independent (image emb, text emb, teacher scores) triples and the positive mask."""
     g = torch.Generator().manual_seed(0)
-    zi = torch.randn(n, dim, generator=g).to(device).requires_grad_()
-    zt = torch.randn(n, dim, generator=g).to(device).requires_grad_()
-    teacher = torch.rand(n, n, generator=g).to(device)
-    pos = torch.eye(n, dtype=torch.bool, device=device)
-    return zi, zt, teacher, pos
+    data = []
+    for _ in range(batches):
+        zi = torch.randn(n, dim, generator=g).to(device).requires_grad_()
+        zt = torch.randn(n, dim, generator=g).to(device).requires_grad_()
+        data.append((zi, zt, torch.rand(n, n, generator=g).to(device)))
+    return data, torch.eye(n, dtype=torch.bool, device=device)
 
 
-@register_benchmark("cprd-loss", "InfoNCE + CPRD (batch 512, K=16, both directions) fwd+bwd vs InfoNCE alone")
-def bench_cprd_loss(device: str) -> list[Comparison]:
-    zi, zt, teacher, pos = _setup(device)
-    cprd, nce = CPRDLoss(k=16, weight=1.0), InfoNCELoss()
+def _steps(device: str):
+    data, pos = _setup(device)
     tau = torch.tensor(0.07, device=device)
+    cprd, nce = CPRDLoss(k=16, weight=1.0), InfoNCELoss()
 
     def step(loss_fn):
+        i = [0]
+
         def run():
+            zi, zt, teacher = data[i[0] % len(data)]
+            i[0] += 1
             sim = F.normalize(zi, dim=1) @ F.normalize(zt, dim=1).t()
             loss_fn(sim, pos, teacher, tau)["loss"].backward()
             zi.grad = zt.grad = None
         return run
 
-    c, b = time_pair(step(cprd), step(nce), device=device, repeat=9)
-    return [Comparison("cprd-loss fwd+bwd (B=512, K=16)", "InfoNCE + CPRD", "InfoNCE", c, b, target=1.5,
-                       mode="ratio")]
+    return step(cprd), step(nce)
+
+
+def cpu_time_pair(candidate, baseline, *, steps: int = 60, warmup: int = 4) -> tuple[float, float]:
+    """Median process CPU seconds per call, candidate and baseline alternating call by call."""
+    c, b = [], []
+    for i in range(warmup + steps):
+        for fn, out in ((candidate, c), (baseline, b)):
+            t0 = time.process_time()
+            fn()
+            if i >= warmup:
+                out.append(time.process_time() - t0)
+    return statistics.median(c), statistics.median(b)
+
+
+@register_benchmark("cprd-loss", "InfoNCE + CPRD (batch 512, K=16, both directions) fwd+bwd vs InfoNCE alone")
+def bench_cprd_loss(device: str) -> list[Comparison]:
+    cand, base = _steps(device)
+    on_cpu = torch.device(device).type == "cpu"
+    c, b = time_pair(cand, base, device=device, rounds=5, repeat=9)
+    rows = [Comparison("cprd-loss fwd+bwd (B=512, K=16), wall", "InfoNCE + CPRD", "InfoNCE", c, b,
+                       target=None if on_cpu else 1.5, mode="ratio")]
+    if on_cpu:
+        c, b = cpu_time_pair(cand, base)
+        rows.append(Comparison("cprd-loss fwd+bwd (B=512, K=16), CPU time", "InfoNCE + CPRD", "InfoNCE", c, b,
+                               target=1.5, mode="ratio"))
+    return rows

@@ -44,57 +44,46 @@ def _check_finite_teacher(t: torch.Tensor) -> None:
                         "with candidate_mask")
 
 
-def _group_view(x: torch.Tensor, g: int):
-    """[n, c] -> (xv, gdim): a view whose `gdim` axis enumerates c // g column groups of g columns each.
+def _threshold_topk(x: torch.Tensor, k: int, extra: int, blocked: torch.Tensor | None,
+                    g: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exact row-wise top-k (sorted) of the entries not `blocked`; None if the shortcut does not apply.
 
-    Why two layouts: a group max must reduce along a strided axis with a unit-stride axis outside it to
-    be vectorised. Row-major x (image->text) groups strided columns {j, j + c/g, ...}; a transposed x
-    (text->image, `sim.t()`) groups contiguous runs of columns, which are rows of the underlying matrix.
+    Why: CPU `topk` is branchy scalar code (~10-15 ns per element on fresh data), while max, compare,
+    cumsum and gather are vectorised. With kk = k + extra (extra >= the number of blocked entries in
+    any row), let tau be the kk-th largest of the row's c / g group maxima. Those kk maxima are kk
+    distinct entries >= tau, at most `extra` of them blocked, so the k largest unblocked entries are
+    all >= tau and lie in the kk chosen groups (an entry > tau lies in a group whose max > tau, which
+    is chosen; ties at tau only swap equal values). Typically ~k + 10 of the kk * g candidates pass
+    `>= tau`; they are compacted to the left of a narrow buffer and only that goes through `topk`.
     """
     n, c = x.shape
+    kk = k + extra
+    # Group j holds the strided columns j + (c // g) * [0, g): the group max is then an elementwise max
+    # of g unit-stride slabs, which vectorises (a max over contiguous runs of 8-16 floats does not).
+    xv = x.view(n, g, c // g)
     if x.stride(1) == 1:
-        return x.view(n, g, c // g), 2  # group j = columns j + (c // g) * [0, g)
-    return x.view(n, c // g, g), 1  # group j = columns j * g + [0, g)
-
-
-def _threshold_topk(x: torch.Tensor, k: int, g: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Exact row-wise top-k (sorted) by group maxima, a threshold and compaction; None if it cannot help.
-
-    Why: CPU `topk` is branchy scalar code (~10 ns per element), while max/compare/cumsum/scatter are
-    vectorised. Let tau be the k-th largest of the rows' group maxima: those k maxima are k entries
-    >= tau, so every top-k entry is >= tau and lies in one of the k chosen groups (an entry > tau lies
-    in a group whose max > tau, which is chosen; ties at tau only swap equal values). Typically only
-    ~k + 10 of the k * g candidates pass `>= tau`; they are compacted to the left of a narrow buffer
-    and only that buffer goes through `topk`.
-    """
-    n, c = x.shape
-    xv, gdim = _group_view(x, g)
-    gmax = xv.amax(3 - gdim)  # [n, c // g]
-    gval, groups = gmax.topk(k, dim=1, sorted=False)
+        gmax = xv.amax(1)  # [n, c // g]
+    else:  # x = sim.t() (text->image): the slabs are rows of sim
+        gmax = x.t().view(g, c // g, n).amax(0).t()
+    gval, groups = gmax.topk(kk, dim=1, sorted=False)
     tau = gval.amin(1, keepdim=True)
-    if gdim == 2:  # candidates [n, g, k]: member a of chosen group b is column groups[b] + a * (c // g)
-        vals = xv.gather(2, groups[:, None, :].expand(n, g, k)).view(n, g * k)
-    else:  # candidates [n, k, g]: column groups[b] * g + a
-        vals = xv.gather(1, groups[:, :, None].expand(n, k, g)).view(n, k * g)
-    keep = vals >= tau  # NaN compares False (then count < k: fall back)
+    # candidates [n, g, kk]: member a of chosen group b is column groups[b] + a * (c // g)
+    keep = xv.gather(2, groups[:, None, :].expand(n, g, kk)).reshape(n, g * kk) >= tau  # NaN: False
     slot = keep.cumsum(1)  # 1-based slot of each survivor; non-survivors go to slot 0 (discarded)
     count = slot[:, -1].clone()  # (a copy: slot is modified in place below)
-    lo, hi = count.aminmax()
-    lo, hi = int(lo), int(hi)
-    if lo < k or hi > (c * 3) // 4:
+    lo, hi = (int(v) for v in count.aminmax())
+    if lo < kk or hi > (c * 3) // 4:  # NaN rows, or so many ties that the shortcut does not pay
         return None
     slot.mul_(keep)
-    where = vals.new_zeros((n, hi + 1), dtype=torch.long)
-    where.scatter_(1, slot, torch.arange(vals.shape[1], device=x.device).expand(n, -1))
-    where = where[:, 1:]  # candidate position of each survivor, left-aligned
-    buf = vals.gather(1, where).masked_fill_(torch.arange(hi, device=x.device) >= count[:, None], float("-inf"))
+    # the survivors' columns, left-aligned (padding: column 0); no int64 division, which is slow on CPU
+    cand_cols = groups[:, None, :] + torch.arange(0, c, c // g, device=x.device)[None, :, None]
+    cols = slot.new_zeros((n, hi + 1)).scatter_(1, slot, cand_cols.view(n, g * kk))[:, 1:]
+    drop = torch.arange(hi, device=x.device) >= count[:, None]  # padding
+    if blocked is not None:
+        drop |= blocked.gather(1, cols)
+    buf = x.gather(1, cols).masked_fill_(drop, float("-inf"))
     top, j = buf.topk(k, dim=1)
-    p = where.gather(1, j)
-    if gdim == 2:
-        cols = groups.gather(1, p % k) + (p // k) * (c // g)
-    else:
-        cols = groups.gather(1, p // g) * g + p % g
-    return top, cols
+    return top, cols.gather(1, j)
 
 
 def topk_rows(x: torch.Tensor, k: int, blocked: torch.Tensor | None = None,
@@ -102,29 +91,24 @@ def topk_rows(x: torch.Tensor, k: int, blocked: torch.Tensor | None = None,
     """Row-wise top-k (values, indices) of the entries not `blocked`, sorted descending; exact.
 
     Why not `x.masked_fill(blocked, -inf).topk(k)`: on CPU that costs ~2.5 ms for 512 x 512 at k = 16
-    (twice per CPRD step) and the masked copy another 0.3 ms. Here the top k + `max_blocked` entries
-    of the raw rows are found by `_threshold_topk` and the blocked ones dropped afterwards: at most
-    `max_blocked` of them can be among the raw top k + max_blocked, so the first k unblocked ones
-    are the answer. Falls back to masked `topk` on GPU, for short rows or many blocked entries.
+    (twice per CPRD step) plus 0.3 ms for the masked copy. `_threshold_topk` finds the same entries
+    from the raw rows (`max_blocked` = the most blocked entries of any row, counted if not given).
+    Falls back to the masked `topk` on GPU (where `topk` is fast), for short rows or many blocked entries.
     """
     n, c = x.shape
-    if blocked is not None and max_blocked is None:
-        max_blocked = int(blocked.sum(1).max())
-    kk = k + (max_blocked or 0) if blocked is not None else k
-    out = None
+    extra = 0
+    if blocked is not None:
+        extra = int(blocked.view(torch.uint8).sum(1, dtype=torch.int32).max()) if max_blocked is None else max_blocked
+    kk = k + extra
     if x.device.type == "cpu" and kk <= c // 8:
-        g = 16 if c % 16 == 0 and c // 16 >= 2 * kk else 8 if c % 8 == 0 else 4 if c % 4 == 0 else 0
+        g = next((g for g in (16, 8, 4) if c % g == 0 and c // g >= 2 * kk), 0)
         if g:
-            out = _threshold_topk(x, kk, g)
-    if out is None:
-        xm = x if blocked is None else x.masked_fill(blocked, float("-inf"))
-        return xm.topk(k, dim=1)
-    vals, cols = out
-    if blocked is None or kk == k:
-        return vals, cols
-    # push the blocked entries to the end, keeping the order of the others (stable sort of a 0/1 key)
-    order = blocked.gather(1, cols).to(torch.uint8).sort(dim=1, stable=True).indices[:, :k]
-    return vals.gather(1, order), cols.gather(1, order)
+            # row-major x, or a transposed one (text->image: `sim.t()`), is read in place
+            out = _threshold_topk(x if 1 in x.stride() else x.contiguous(), k, extra, blocked, g)
+            if out is not None:
+                return out
+    xm = x if blocked is None else x.masked_fill(blocked, float("-inf"))
+    return xm.topk(k, dim=1)
 
 
 def mine_hard_negatives(student_sim: torch.Tensor, positive_mask: torch.Tensor, k: int | None,
@@ -147,7 +131,7 @@ def mine_hard_negatives(student_sim: torch.Tensor, positive_mask: torch.Tensor, 
         _check_matrix("candidate_mask", candidate_mask, student_sim.shape)
     pos = positive_mask.bool()
     blocked = pos if candidate_mask is None else pos | ~candidate_mask.bool()
-    n_blocked = blocked.sum(1)
+    n_blocked = blocked.view(torch.uint8).sum(1, dtype=torch.int32)  # (a bool sum would widen to int64 first)
     fewest, most = (int(v) for v in n_blocked.aminmax())  # one pass for the check and for topk_rows
     n_neg_min, n_neg_max = blocked.shape[1] - most, blocked.shape[1] - fewest
     if k is None:
@@ -224,6 +208,50 @@ def suffix_logsumexp(s: torch.Tensor) -> torch.Tensor:
     return masked_logsumexp(s[:, None, :].expand(-1, k, -1), upper, dim=2)
 
 
+def _teacher_order(t: torch.Tensor) -> torch.Tensor:
+    """Indices sorting each row of t descending; ties keep their column order (a stable sort).
+
+    Why not always `stable=True`: the stable CPU sort of short rows is ~1.5x slower, and continuous
+    teacher scores rarely tie. Without ties every sort gives the same order, so the stable sort runs
+    only when a row has two equal scores (checked on the sorted values).
+    """
+    if t.device.type != "cpu":  # no host sync for the tie check on GPU, where the stable sort is cheap
+        return torch.sort(t, dim=1, descending=True, stable=True).indices
+    t_sorted, order = torch.sort(t, dim=1, descending=True)
+    if bool((t_sorted[:, 1:] == t_sorted[:, :-1]).any()):
+        order = torch.sort(t, dim=1, descending=True, stable=True).indices
+    return order
+
+
+class _SuffixNLL(torch.autograd.Function):
+    """sum_j w[:, j] * (log sum_{i >= j} exp(s_i) - s_j) over the teacher-sorted logits, per row.
+
+    Why a hand-written backward: autograd would replay ~12 small [A, K] ops (gather, flip, cumsum,
+    exp, log, where ...) and scatter the gradient through the gather. The gradient is one reversed
+    cumulative sum: d/ds_k = exp(s_k - m) * sum_{j <= k} w_j / suffix_j - w_k, with suffix_j the
+    sum of exp(s - m) from rank j on. Only used when every row's logits span < 80, where exp(s - m)
+    is exact (see `suffix_logsumexp`), and without padding; otherwise `partial_ranking_nll` runs the
+    same formula through autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, order: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ss = s.gather(1, order)
+        m = ss.amax(1, keepdim=True)
+        e = (ss - m).exp_()
+        suffix = e.flip(1).cumsum(1).flip(1)
+        terms = suffix.log().add_(m).sub_(ss)
+        ctx.save_for_backward(order, w, e, suffix)
+        return (terms.mul_(w)).sum(1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        order, w, e, suffix = ctx.saved_tensors
+        wg = w * g[:, None]
+        grad_sorted = (wg / suffix).cumsum(1).mul_(e).sub_(wg)
+        return torch.empty_like(grad_sorted).scatter_(1, order, grad_sorted), None, None
+
+
 def partial_ranking_nll(s: torch.Tensor, t: torch.Tensor, *, valid: str = "all", valid_param: float | None = None,
                         available: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """Truncated Plackett-Luce NLL of the teacher's order of each row's candidates.
@@ -237,9 +265,26 @@ def partial_ranking_nll(s: torch.Tensor, t: torch.Tensor, *, valid: str = "all",
     at least one candidate below it, the term is logsumexp(s_j..s_K) - s_j. A row's loss is the mean
     of its terms (0 when it has none, never NaN).
     """
+    t = t.detach().to(s.dtype)
+    k = s.shape[1]
+    full = available is None or bool(available.all())
+    if full:
+        sd = s.detach()
+        if bool(((sd.amax(1) - sd.amin(1)) < 80).all()):  # the common case: one fused op, see _SuffixNLL
+            order = _teacher_order(t)
+            if valid == "threshold":
+                t_sorted = t.gather(1, order)
+                j_star = valid_prefix(t_sorted, torch.ones_like(t_sorted, dtype=torch.bool), valid, valid_param)
+                use = torch.arange(k, device=s.device) < j_star.clamp(max=k - 1)[:, None]
+                w = use / use.sum(1, keepdim=True).clamp(min=1)
+            else:  # J* is the same for every row: one weight row, broadcast
+                n_use = k - 1 if valid == "all" else min(
+                    int(valid_prefix(None, torch.ones(1, k, dtype=torch.bool), valid, valid_param)), k - 1)
+                w = s.new_zeros(1, k)
+                w[:, :n_use] = 1.0 / max(n_use, 1)
+            return _reduce(_SuffixNLL.apply(s, order, w), reduction)
     if available is None:
         available = torch.ones_like(s, dtype=torch.bool)
-    t = t.detach().to(s.dtype)
     t = t.masked_fill(~available, float("-inf"))  # padding sorts last
     order = torch.sort(t, dim=1, descending=True, stable=True).indices
     s_sorted = s.gather(1, order)
@@ -253,7 +298,7 @@ def partial_ranking_nll(s: torch.Tensor, t: torch.Tensor, *, valid: str = "all",
     terms = lse - s_sorted
     j_star = valid_prefix(t_sorted, avail_sorted, valid, valid_param)
     n_avail = avail_sorted.sum(1)
-    ranks = torch.arange(s.shape[1], device=s.device)
+    ranks = torch.arange(k, device=s.device)
     # the last available candidate has nothing below it: its term is log(1) = 0, so it is not counted
     use = (ranks[None, :] < j_star[:, None]) & (ranks[None, :] < (n_avail - 1)[:, None])
     terms = torch.where(use, terms, torch.zeros_like(terms))

@@ -1,0 +1,135 @@
+"""CPRD's CPU fast paths compute exactly what the plain formulas compute.
+
+`topk_rows` (threshold + compaction mining), `_teacher_order` (unstable sort unless ties) and
+`_SuffixNLL` (hand-written backward of the partial-ranking NLL) exist only for speed (benchmark
+`cprd-loss`); each is checked here against the direct computation, values and gradients.
+"""
+
+import pytest
+import torch
+
+import transferlab.cprd.loss as L
+from transferlab.cprd import cprd_loss, mine_hard_negatives, partial_ranking_nll
+
+
+def masked_topk(x, k, blocked):
+    return (x if blocked is None else x.masked_fill(blocked, float("-inf"))).topk(k, dim=1)
+
+
+@pytest.fixture
+def count_fast(monkeypatch):
+    """Counts how often the threshold shortcut answered (so a test cannot pass on the fallback alone)."""
+    calls = {"fast": 0, "fallback": 0}
+    real = L._threshold_topk
+
+    def spy(*a):
+        out = real(*a)
+        calls["fast" if out is not None else "fallback"] += 1
+        return out
+
+    monkeypatch.setattr(L, "_threshold_topk", spy)
+    return calls
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_rows_equals_masked_topk(count_fast, transposed, ties):
+    g = torch.Generator().manual_seed(10 + 2 * transposed + ties)
+    for n, c, k, p_block in [(40, 512, 16, 0.003), (33, 256, 5, 0.02), (8, 1024, 30, 0.0), (64, 96, 3, 0.01)]:
+        base = torch.randn(c, n, generator=g) if transposed else torch.randn(n, c, generator=g)
+        x = base.t() if transposed else base
+        if ties:
+            x = (x * 2).round() / 2  # few distinct values: many ties, also at the threshold
+        blocked = torch.rand(n, c, generator=g) < p_block
+        blocked[torch.arange(n), torch.arange(n) % c] = True  # at least one positive per row
+        v, i = L.topk_rows(x, k, blocked)
+        rv, _ = masked_topk(x, k, blocked)
+        assert torch.equal(v, rv)  # same values in the same (descending) order
+        assert torch.equal(x.gather(1, i), v) and not blocked.gather(1, i).any()
+        assert all(len(set(r)) == k for r in i.tolist())
+    assert count_fast["fast"] >= 3  # the shortcut itself was tested, not only the fallback
+
+
+def test_topk_rows_nan_and_inf_rows():
+    x = torch.randn(16, 512)
+    x[2, 7] = float("nan")  # topk ranks NaN first; the shortcut cannot, so it falls back
+    x[5, :500] = float("-inf")
+    v, i = L.topk_rows(x, 16)
+    rv, ri = x.topk(16, dim=1)
+    assert torch.equal(v.isnan(), rv.isnan()) and torch.equal(v[~v.isnan()], rv[~rv.isnan()])
+    assert torch.equal(x.gather(1, i)[5], rv[5])
+
+
+def test_mining_with_several_positives_matches_masked_topk():
+    torch.manual_seed(11)
+    img, caps = 100, 5  # COCO-style: 5 captions per image, all positives
+    sim = torch.randn(img, img * caps)
+    pos = torch.zeros(img, img * caps, dtype=torch.bool)
+    pos[torch.arange(img).repeat_interleave(caps), torch.arange(img * caps)] = True
+    for s, p in ((sim, pos), (sim.t(), pos.t())):
+        idx, avail = mine_hard_negatives(s, p, 16)
+        assert avail.all() and not p.gather(1, idx).any()
+        assert torch.equal(s.gather(1, idx), masked_topk(s, 16, p).values)
+
+
+def test_teacher_order_is_stable_under_ties():
+    torch.manual_seed(12)
+    for width in (16, 64):  # (an unstable CPU sort already reorders ties at width 64)
+        t = torch.randint(0, 3, (200, width)).float()  # many ties: the stable sort must run
+        assert torch.equal(L._teacher_order(t), torch.sort(t, dim=1, descending=True, stable=True).indices)
+    t = torch.rand(200, 16)
+    assert torch.equal(L._teacher_order(t), torch.sort(t, dim=1, descending=True, stable=True).indices)
+
+
+def reference_nll(s, t, n_valid=None, threshold=None):
+    """Plain autograd formula: sort by teacher (stable), per-rank logsumexp over the suffix, mean per row."""
+    order = torch.sort(t, dim=1, descending=True, stable=True).indices
+    ss, ts = s.gather(1, order), t.gather(1, order)
+    rows = []
+    for r in range(s.shape[0]):
+        j_star = s.shape[1] if n_valid is None else n_valid
+        if threshold is not None:
+            j_star = int((ts[r] >= threshold).sum())
+        terms = [torch.logsumexp(ss[r, j:], 0) - ss[r, j] for j in range(min(j_star, s.shape[1] - 1))]
+        rows.append(torch.stack(terms).mean() if terms else ss.new_zeros(()))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("valid,param", [("all", None), ("top_m", 4), ("threshold", 0.5)])
+def test_fused_partial_ranking_values_and_gradients(valid, param):
+    torch.manual_seed(13)
+    s = (torch.randn(30, 9) * 3).requires_grad_()
+    t = torch.rand(30, 9)
+    w = torch.rand(30)  # a non-uniform upstream gradient
+    (partial_ranking_nll(s, t, valid=valid, valid_param=param, reduction="none") * w).sum().backward()
+    fast_grad = s.grad.clone()
+    s.grad = None
+    ref = reference_nll(s, t, n_valid=param if valid == "top_m" else None,
+                        threshold=param if valid == "threshold" else None)
+    (ref * w).sum().backward()
+    out = partial_ranking_nll(s, t, valid=valid, valid_param=param, reduction="none")
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(fast_grad, s.grad, atol=1e-5)
+
+
+def test_fused_backward_gradcheck():
+    torch.manual_seed(14)
+    s = torch.randn(6, 7, dtype=torch.double, requires_grad=True)
+    order = torch.sort(torch.rand(6, 7), dim=1, descending=True).indices
+    w = torch.zeros(1, 7, dtype=torch.double)
+    w[:, :6] = 1 / 6
+    assert torch.autograd.gradcheck(lambda x: L._SuffixNLL.apply(x, order, w), (s,))
+
+
+def test_wide_logit_range_takes_the_exact_slow_path():
+    # logits spanning > 80 (tau 0.01, cosines in [-1, 1]) skip the fused path; both agree with the formula
+    torch.manual_seed(15)
+    sim = (torch.rand(12, 40) * 2 - 1).requires_grad_()
+    t = torch.rand(12, 40)
+    pos = torch.eye(12, 40, dtype=torch.bool)
+    loss = cprd_loss(sim, t, pos, k=8, tau=0.01)
+    loss.backward()
+    idx, _ = mine_hard_negatives(sim, pos, 8)
+    s = (sim.detach().gather(1, idx) / 0.01).requires_grad_()
+    assert loss.item() == pytest.approx(reference_nll(s, t.gather(1, idx)).mean().item(), rel=1e-5)
+    assert torch.isfinite(sim.grad).all()

@@ -52,6 +52,8 @@ def test_cuber_uses_the_configured_correlation_space():
     assert strat._regime("0", 0, g)[2] == pytest.approx(full_cosine(g, strat.task_grads[0]["0"], U), abs=1e-6)
     with pytest.raises(UserError, match="corr_space"):
         CUBERConfig(corr_space="weights")
+    with pytest.raises(UserError, match="scale_regime3"):
+        CUBERConfig(step_rule="share_q", scale_regime3=False)
 
 
 # ---- (b) old task adopts the correlated new task's scaling --------------------------------------
@@ -91,3 +93,22 @@ def test_share_q_gradient_is_exact_and_shared_scaling_lowers_old_loss():
     strat.use_task(0)
     with torch.no_grad():
         assert F.cross_entropy(model(x), y).item() < loss_before
+
+
+def test_share_q_rejects_an_ascent_scaling():
+    x, y = task_data(8)
+    torch.manual_seed(0)
+    strat = CUBER(mlp(), CUBERConfig(thresholds=(0.99,), eps_proj=0.0, eps_corr=-1.0, step_rule="share_q"))
+    fit(strat.model, strat, [(x, y)], steps=5)
+    n, g = "0", strat.q_grads[0]["0"]
+    eye = torch.eye(g.shape[0])
+    for sign, adopted in ((1.0, 0), (-1.0, 1)):  # Q_t0 - I along +dL_0/dQ raises task 0's loss: rejected
+        strat.scales[0] = {}
+        strat.scales[5] = {n: [(0, eye + sign * 0.1 * g)]}
+        strat.regimes[5] = {n: [(0, REGIME_POSITIVE, 1.0, 1.0)]}
+        strat._share_scales(5)
+        assert len(strat.scales[0].get(n, [])) == adopted
+    strat.regimes[5] = {n: [(0, REGIME_TRUST, 1.0, float("nan"))]}  # not positively correlated: never shared
+    strat.scales[0] = {}
+    strat._share_scales(5)
+    assert not strat.scales[0]

@@ -86,15 +86,19 @@ class CUBERConfig(TRGPConfig):
     [reconstructed] Regime 3 (sufficient projection AND positive correlation): the new task's update
     may move inside old task j's input subspace S_j. Positive correlation is tested as
     cos(P_j g_t, P_j g_j) >= eps_corr, g_j the gradient of task j's loss at its own final weights
-    (stored per layer at the end of task j; no raw data is kept). Inside S_j, each step's component
-    is kept (times `step_scale`) and made a non-ascent direction for every Regime-3 task j by the
-    `step_rule`, within a per-task trust radius. Defaults (eps_corr 0.3, gate, radius 0.02) were chosen on
-    the validation split of the rotated Fashion-MNIST stream (docs/cuber.md lists every variant tried).
+    (stored per layer at the end of task j; no raw data is kept). What Regime 3 then does is the
+    `step_rule`: by default (reading (a), `backward`) the new task's gradient stays GPM-projected and
+    each batch adds a step along old task j's stored in-subspace gradient when that lowers the new
+    task's and every old task's first-order loss; the other rules keep (part of) the new task's
+    in-subspace gradient instead. All in-subspace moves stop at a per-task trust radius. Defaults
+    (eps_corr 0 = positive inner product, step_rule backward = reading (a), radius 0.02) were chosen on
+    the validation split of the rotated Fashion-MNIST stream (docs/cuber.md lists every variant and
+    reading tried).
     """
 
-    eps_corr: float = field(0.3, "[reconstructed] positive-correlation threshold eps_2 on the cosine between the "
+    eps_corr: float = field(0.0, "[reconstructed] positive-correlation threshold eps_2 on the cosine between the "
                             "new task's and old task's in-subspace gradients")
-    step_rule: str = field("gate", "[reconstructed] in-subspace step per batch: agem (remove the part that would "
+    step_rule: str = field("backward", "[reconstructed] in-subspace step per batch: agem (remove the part that would "
                            "raise an old task's first-order loss), gate (drop it if it would), free (keep it), "
                            "along (keep only the component along old tasks' own stored gradients, when positive); "
                            "reading (a) backward: the new task's gradient stays GPM-projected and each batch adds an "
@@ -117,6 +121,9 @@ class CUBERConfig(TRGPConfig):
             raise UserError(f"eps_corr is a cosine threshold in [-1, 1], got {self.eps_corr}")
         if self.step_rule not in STEP_RULES:
             raise UserError(f"step_rule must be one of {STEP_RULES}, got {self.step_rule!r}")
+        if self.step_rule == "share_q" and not self.scale_regime3:
+            raise UserError("step_rule='share_q' shares the new task's scaling matrices with old tasks; "
+                            "it needs scale_regime3=True")
         if self.corr_space not in CORR_SPACES:
             raise UserError(f"corr_space must be one of {CORR_SPACES}, got {self.corr_space!r}")
         if self.step_scale < 0 or self.grad_samples < 1 or self.trust_radius < 0:

@@ -8,8 +8,9 @@ trained with the new task and re-inserted whenever that task is evaluated.
 
 CUBER (Lin et al., NeurIPS 2022) splits the selected ("sufficient projection") tasks by a
 positive-correlation test and, for those, lets the new task's update move inside the old task's
-subspace so the old task can improve. The exact tests are [reconstructed]; both are plain
-functions below (`projection_ratio`, `cosine_correlation`, `in_subspace_step`) and can be swapped.
+subspace so the old task can improve. The exact tests are [reconstructed]; they are plain
+functions below (`projection_ratio`, `cosine_correlation` / `full_cosine`, `backward_step`,
+`in_subspace_step`) and can be swapped.
 """
 
 from __future__ import annotations
@@ -239,8 +240,9 @@ class CUBER(TRGP):
 
     After each task j it stores, per layer, g_j = grad of task j's loss at its final weights (an
     (out x m) gradient, not data). Before task t each (layer, old task) is classified by
-    `classify`; Regime-3 tasks' subspaces form B_l, and every step keeps `in_subspace_step(g, B_l)`
-    on top of GPM's projected gradient.
+    `classify`; Regime-3 tasks' subspaces form B_l, and every step adds `backward_step` (default,
+    reading (a)) or `in_subspace_step(g, B_l)` on top of GPM's projected gradient; `share_q`
+    (reading (b)) instead lets old tasks adopt the new task's scaling matrices after the task.
     """
 
     name = "cuber"

@@ -15,18 +15,25 @@ import torch
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 7, min_time: float = 0.0,
-            device: str | torch.device = "cpu") -> float:
-    """Median wall-clock seconds of `fn()`; synchronises CUDA around each call."""
+            device: str | torch.device = "cpu", clock: str = "wall") -> float:
+    """Median seconds of `fn()`; synchronises CUDA around each call.
+
+    `clock="auto"` reads the process's CPU time instead of wall time on a one-thread CPU run. Why: on a
+    shared machine wall time also counts the neighbours' time slices (ratios swung 1.6x-3.2x between runs),
+    while a single-threaded process's CPU time is the work it did. Multi-threaded and CUDA runs use wall time.
+    """
     cuda = torch.device(device).type == "cuda"
+    cpu_clock = clock == "cpu" or (clock == "auto" and not cuda and torch.get_num_threads() == 1)
+    now = time.process_time if cpu_clock else time.perf_counter
 
     def once() -> float:
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return now() - t0
 
     for _ in range(warmup):
         once()

@@ -15,8 +15,6 @@ issue 4's Llama-architecture model (hidden 2048, d_ff 5632, 16 layers), reportin
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -44,29 +42,8 @@ def _targets(device: str, d: int, d_ff: int, N: int, k: int) -> tuple[float | No
 
 
 def _pair(candidate, baseline, *, rounds, warmup, repeat, device):
-    """`core.bench.time_pair`, but on a one-thread CPU run it reads process CPU time instead of wall time.
-
-    Our CPU machines are shared: wall time mostly measures the neighbours. With one intra-op thread the
-    process's CPU time is the work done, so the ratio survives contention (CI, alone, sees the same ratio).
-    """
-    if device != "cpu" or torch.get_num_threads() != 1:
-        return time_pair(candidate, baseline, rounds=rounds, warmup=warmup, repeat=repeat, device=device)
-
-    def med(fn):
-        for _ in range(warmup):
-            fn()
-        ts = []
-        for _ in range(repeat):
-            t0 = time.process_time()
-            fn()
-            ts.append(time.process_time() - t0)
-        return statistics.median(ts)
-
-    c, b = [], []
-    for _ in range(rounds):
-        c.append(med(candidate))
-        b.append(med(baseline))
-    return statistics.median(c), statistics.median(b)
+    # a one-thread CPU run reads process CPU time (core.bench.time_fn): wall time here measured the neighbours
+    return time_pair(candidate, baseline, rounds=rounds, warmup=warmup, repeat=repeat, device=device, clock="auto")
 
 
 class _FFN:

@@ -13,8 +13,6 @@ with the layout switched off (the previous implementation's numbers).
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -30,27 +28,8 @@ from .model import MetaDMoE
 
 def _time_pair(candidate: Callable, baseline: Callable, device: torch.device, rounds: int = 5, warmup: int = 3,
                repeat: int = 9) -> tuple[float, float]:
-    """`core.bench.time_pair`, but on one CPU thread with the process's CPU time as the clock.
-
-    Same structure (interleaved blocks of warm-up + repeats, median of block medians); the clock differs
-    because on a shared machine wall time also counts other processes' slices, which swung the ratio
-    between 1.6x and 3.2x from run to run, while the CPU time of a single-threaded process is the work done.
-    """
-    if device.type != "cpu" or torch.get_num_threads() != 1:
-        return time_pair(candidate, baseline, rounds=rounds, warmup=warmup, repeat=repeat, device=device)
-
-    def block(fn):
-        for _ in range(warmup):
-            fn()
-        ts = []
-        for _ in range(repeat):
-            t0 = time.process_time()
-            fn()
-            ts.append(time.process_time() - t0)
-        return statistics.median(ts)
-
-    c, b = zip(*[(block(candidate), block(baseline)) for _ in range(rounds)])
-    return statistics.median(c), statistics.median(b)
+    # one CPU thread: process CPU time (see core.bench.time_fn), since wall time here measured the neighbours
+    return time_pair(candidate, baseline, rounds=rounds, warmup=warmup, repeat=repeat, device=device, clock="auto")
 
 
 @register_benchmark("metadmoe-adapt", "Meta-DMoE adapt() on 64 images vs one student forward+backward (target <= 3x)")

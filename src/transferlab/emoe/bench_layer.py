@@ -41,11 +41,6 @@ def _targets(device: str, d: int, d_ff: int, N: int, k: int) -> tuple[float | No
     return None, None
 
 
-def _pair(candidate, baseline, *, rounds, warmup, repeat, device):
-    # a one-thread CPU run reads process CPU time (core.bench.time_fn): wall time here measured the neighbours
-    return time_pair(candidate, baseline, rounds=rounds, warmup=warmup, repeat=repeat, device=device, clock="auto")
-
-
 class _FFN:
     """One FFN's weights and three ways to run it on the same input."""
 
@@ -102,7 +97,9 @@ def _layer_rows(device: str, quick: bool) -> list[Comparison]:
     impls = ["auto"]
     if cuda:
         impls += ["gather", "grouped_mm"] + (["triton"] if triton_available(torch.device(device)) else [])
-    kw = dict(warmup=1, repeat=3, device=device) if not cuda else dict(warmup=3, repeat=10, device=device)
+    # clock='auto': a one-thread CPU run reads process CPU time (core.bench.time_fn), as wall time here
+    # measured the neighbours
+    kw = dict(warmup=1, repeat=3, device=device, clock="auto") if not cuda else dict(warmup=3, repeat=10, device=device)
     rounds = 2 if not cuda else 3
     for d, d_ff, T in shapes:
         for N, k in EXPERTS[:1] if quick else EXPERTS:
@@ -111,12 +108,12 @@ def _layer_rows(device: str, quick: bool) -> list[Comparison]:
             tag = f"{'cuda bf16' if cuda else 'cpu fp32'} d={d} d_ff={d_ff} T={T} N={N} k={k}"
             for mode, wrap, target in (("fwd", ffn.fwd, t_fwd), ("fwd+bwd", ffn.fwd_bwd, t_fb)):
                 dense = wrap(ffn.runner("dense"))
-                masked_t, dense_t = _pair(wrap(ffn.runner("masked")), dense, rounds=rounds, **kw)
+                masked_t, dense_t = time_pair(wrap(ffn.runner("masked")), dense, rounds=rounds, **kw)
                 rows.append(Comparison(f"{tag} {mode}", "emoe masked", "dense FFN", masked_t, dense_t,
                                        None, "speedup"))
                 for impl in impls:
                     try:
-                        cand_t, dense_t = _pair(wrap(ffn.runner(impl)), dense, rounds=rounds, **kw)
+                        cand_t, dense_t = time_pair(wrap(ffn.runner(impl)), dense, rounds=rounds, **kw)
                     except Exception as e:  # a path that does not run on this GPU/torch is reported, not fatal
                         rows.append(Comparison(f"{tag} {mode}", f"emoe {impl}", "dense FFN", float("nan"), None,
                                                None, "speedup", note=f"failed: {type(e).__name__}: {e}"[:200]))
@@ -180,11 +177,11 @@ def _bert_rows(device: str, quick: bool) -> list[Comparison]:
             opt.step()
         return run
 
-    kw = dict(warmup=2, repeat=5, device=device) if cuda else dict(warmup=1, repeat=2, device=device)
+    kw = dict(warmup=2, repeat=5, device=device) if cuda else dict(warmup=1, repeat=2, device=device, clock="auto")
     rows = []
     # (2, 4): the spec's reference experiment converts layer 4, or 2 and 4; all six layers bounds the gain
     for layers in [(2, 4)] if quick else [(2, 4), tuple(range(cfg.num_hidden_layers))]:
-        t_e, t_d = _pair(step(layers), step(()), rounds=2, **kw)
+        t_e, t_d = time_pair(step(layers), step(()), rounds=2, **kw)
         rows.append(Comparison(f"MiniLM-size BERT train step B={B} S={S}, EMoE N={N} k={k} on layers "
                                f"{list(layers)}", "emoe auto", "dense", t_e, t_d, None, "speedup"))
     return rows
@@ -211,7 +208,7 @@ def _minilm_rows(device: str, quick: bool) -> list[Comparison]:
     dense = AutoModel.from_pretrained(path).to(device).train()
     ids = torch.randint(1000, dense.config.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
     ids, labels = ids.to(device), torch.arange(B, device=device) % 4
-    kw = dict(warmup=2, repeat=5, device=device) if cuda else dict(warmup=1, repeat=2, device=device)
+    kw = dict(warmup=2, repeat=5, device=device) if cuda else dict(warmup=1, repeat=2, device=device, clock="auto")
     rows = []
     for layers in [(2, 4)] if quick else [(2, 4), "all"]:
         emoe = convert(copy.deepcopy(dense), EMoEConfig(num_experts=16, top_k=4, layers=layers, split="contiguous"))
@@ -227,7 +224,7 @@ def _minilm_rows(device: str, quick: bool) -> list[Comparison]:
                 opt.step()
 
             steps[name] = run
-        t_e, t_d = _pair(steps["emoe"], steps["dense"], rounds=2, **kw)
+        t_e, t_d = time_pair(steps["emoe"], steps["dense"], rounds=2, **kw)
         rows.append(Comparison(f"all-MiniLM-L6-v2 fine-tuning step B={B} S={S}, emoe.convert N=16 k=4 layers="
                                f"{layers}", "emoe auto", "dense", t_e, t_d, None, "speedup"))
     return rows

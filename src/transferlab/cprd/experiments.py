@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from ..core.config import field
 from ..core.errors import UserError
-from ..core.io import atomic_torch_save
+from ..core.io import cached_torch
 from ..core.registry import register_experiment
 from ..data import load_fashion_mnist
 from ..nn import batches
-from .common import ARMS, DenseWhenLarge, loss_for_arm, rank_corr, spread_stats
+from .common import ARMS, DenseWhenLarge, loss_for_arm, rank_corr, shared_file, spread_stats
 from .loss import infonce_loss
 from .metrics import retrieval_metrics
 from .plots import plot_score_distributions
@@ -106,12 +106,10 @@ def _batch(scenes, n_fam_total: int, cfg, seed: int, step: int):
 def item_features(cfg: ScenesConfig, seed: int, engine, pools: list[torch.Tensor], labels: torch.Tensor,
                   used_items: list[torch.Tensor]):
     """Pre-train the item CNN on single training-pool items (cached per seed); return frozen pool features."""
-    cache = None if engine.run_dir is None else engine.run_dir.parent / f"items-seed{seed}.pt"
     torch.manual_seed(seed + 303)
     net = ItemClassifier()
-    if cache is not None and cache.exists():
-        net.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
-    else:
+
+    def train():
         x, y = pools[0][: cfg.item_images].float().div(255), labels[: cfg.item_images]
         opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
         for epoch in range(cfg.item_epochs):
@@ -120,9 +118,9 @@ def item_features(cfg: ScenesConfig, seed: int, engine, pools: list[torch.Tensor
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-        if cache is not None and engine.is_main:
-            atomic_torch_save(net.state_dict(), cache)
-        engine.wait()
+        return net.state_dict()
+
+    net.load_state_dict(cached_torch(shared_file(engine, f"items-seed{seed}.pt"), train, save=engine.is_main))
     net.eval()
     out = []
     with torch.no_grad():  # features only for the images some scene uses
@@ -136,12 +134,16 @@ def item_features(cfg: ScenesConfig, seed: int, engine, pools: list[torch.Tensor
 
 def train_teacher(cfg: ScenesConfig, seed: int, engine, pool, scenes) -> SceneCrossEncoder:
     """ITM (hard negatives) + ITC training; cached under run_dir.parent so every arm of this seed reuses it."""
-    cache = None if engine.run_dir is None else engine.run_dir.parent / f"teacher-seed{seed}.pt"
     torch.manual_seed(seed + 101)
     teacher = SceneCrossEncoder(pool.shape[-1])
-    if cache is not None and cache.exists():
-        teacher.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
-        return teacher.eval()
+    state = cached_torch(shared_file(engine, f"teacher-seed{seed}.pt"),
+                         lambda: _fit_teacher(cfg, seed, engine, teacher, pool, scenes), save=engine.is_main)
+    teacher.load_state_dict(state)
+    return teacher.eval()
+
+
+def _fit_teacher(cfg: ScenesConfig, seed: int, engine, teacher: SceneCrossEncoder, pool, scenes) -> dict:
+    """Train `teacher` in place (ALBEF recipe below); return its state dict."""
     opt = torch.optim.AdamW(teacher.parameters(), lr=cfg.teacher_lr)
     n_fam = int(scenes.family.max()) + 1
     for step in engine.progress(range(cfg.teacher_steps), desc="teacher ITM"):
@@ -162,11 +164,7 @@ def train_teacher(cfg: ScenesConfig, seed: int, engine, pool, scenes) -> SceneCr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    teacher.eval()
-    if cache is not None and engine.is_main:
-        atomic_torch_save(teacher.state_dict(), cache)
-    engine.wait()
-    return teacher
+    return teacher.state_dict()
 
 
 def _family_pairs(scenes):

@@ -27,7 +27,7 @@ from ..core.errors import UserError
 from ..core.io import cached_torch
 from ..core.registry import register_experiment
 from ..data import load_wordnet
-from .common import ARMS, loss_for_arm, rank_corr, spread_stats
+from .common import ARMS, loss_for_arm, rank_corr, shared_file, spread_stats
 from .metrics import retrieval_metrics
 from .plots import plot_score_distributions
 from .trainer import DualEncoder, DualEncoderTrainer
@@ -134,14 +134,9 @@ def _teacher(cfg, engine, enc, train_q, train_g, evals):
             progress=lambda it, desc: engine.progress(it, desc=desc))
         return {"state": teacher.state_dict(), "report": report}
 
-    saved = cached_torch(_shared(engine, "teacher.pt"), train, save=engine.is_main)
+    saved = cached_torch(shared_file(engine, "teacher.pt"), train, save=engine.is_main)
     teacher.load_state_dict(saved["state"])
     return teacher.eval(), saved["report"]
-
-
-def _shared(engine, name):
-    """A file shared by every arm and seed of this config (None when the engine has no run folder)."""
-    return None if engine.run_dir is None else engine.run_dir.parent / name
 
 
 def _partition(cfg, lexnames):
@@ -161,7 +156,7 @@ def _teacher_blocks(engine, teacher, enc, train_q, train_g, parts):
             gi, qi = train_g[p].repeat_interleave(len(p)), train_q[p].repeat(len(p))
             blocks.append(score_pairs(teacher, enc, qi, gi).reshape(len(p), len(p)))
         return torch.stack(blocks)
-    return cached_torch(_shared(engine, "teacher-blocks.pt"), compute, save=engine.is_main)
+    return cached_torch(shared_file(engine, "teacher-blocks.pt"), compute, save=engine.is_main)
 
 
 def _eval(model, enc, q_idx, g_idx, q_to_g):
@@ -209,7 +204,7 @@ def _texts_and_pairs(cfg: WordnetConfig):
 )
 def cprd_wordnet(cfg: WordnetConfig, arm: str, seed: int, engine) -> dict:
     texts, (train_q, train_g), (tq, tg), evals, lexnames = _texts_and_pairs(cfg)
-    enc = cached_torch(_shared(engine, "minilm-states.pt"),
+    enc = cached_torch(shared_file(engine, "minilm-states.pt"),
                        lambda: encode_minilm(texts, cfg.max_tokens, cfg.teacher_joint_layers, cfg.model_path),
                        save=engine.is_main)
     teacher, teacher_report = _teacher(cfg, engine, enc, tq, tg, evals)

@@ -34,6 +34,20 @@ def test_kind_fmnist_runs_and_writes_table_grid_and_notes(tmp_path):
     assert "NOT yet meaningful" in notes and "not** FID" in notes
 
 
+def test_few_shot_and_all_images_share_the_pretrained_models(tmp_path, monkeypatch):
+    import transferlab.kind.experiments as E
+
+    calls = []
+    real_fit = E.fit
+    monkeypatch.setattr(E, "fit", lambda *a, **k: (calls.append(k["steps"]), real_fit(*a, **k))[1])
+    over = {**TINY, "arms": ("kind",), "lrs": (1e-3,), "pretrain_steps": 4}
+    for name in ("kind-fmnist", "kind-fmnist-all"):
+        run_experiment(name, "quick", seeds=1, overrides=over, out=tmp_path, engine=Engine("cpu", threads=1))
+    # one pre-training (4 steps) for both experiments, then one transfer (3 steps) each
+    assert calls == [4, 3, 3]
+    assert [p.name for p in (tmp_path / "kind-pretrained").glob("*/*.pt")] == ["kind-seed0.pt"]
+
+
 def test_arms_train_what_they_claim(tmp_path):
     cfg = get_experiment("kind-fmnist").make_config("quick")
     from dataclasses import replace
@@ -53,3 +67,20 @@ def test_arms_train_what_they_claim(tmp_path):
     assert all(n.endswith("delta") or "y_embed" in n or "final_layer" in n for n in trainable["svdiff"])
     assert not any(n.endswith(("U_g", "s_g", "V_g")) for n in trainable["kind"])
     assert any(n.endswith("U_t") for n in trainable["kind"])
+
+
+def test_notes_separate_recognisable_from_close_to_real(tmp_path):
+    from transferlab.kind.plots import plot_kind
+
+    cfg = {"arms": ["kind", "lora", "scratch"], "target_classes": [6, 7, 8, 9], "width": 64, "depth": 4,
+           "pretrain_steps": 6000, "transfer_steps": 1500}
+    metrics = {"kind": (96.0, 10.0), "lora": (60.0, 61.0), "scratch": (30.0, 400.0)}  # (class_acc, fmnist_fid)
+    rows = [{"arm": a, "seed": 0, "config_hash": "h", "profile": "cpu",
+             "metrics": {"class_acc": acc, "fmnist_fid": fid, "fid_floor": 2.4}} for a, (acc, fid) in metrics.items()]
+    plot_kind(rows, cfg, tmp_path)
+    notes = {line.split("`")[1]: line for line in (tmp_path / "notes.md").read_text().splitlines()
+             if line.startswith("- `")}
+    assert "close to real images" in notes["kind"]
+    assert "recognisable as their class, but far from real images" in notes["lora"]
+    assert "NOT yet meaningful" in notes["scratch"]
+    assert "6000 pre-training and 1500 transfer steps" in (tmp_path / "notes.md").read_text()

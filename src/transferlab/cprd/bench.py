@@ -8,10 +8,13 @@ Why several batches in rotation: a training step never sees the same batch twice
 one repeated batch lets the CPU's branch predictor learn `topk`/`sort`'s comparisons, which makes
 comparison-heavy code (CPRD's mining) look ~10% cheaper than it is. Both losses see the same batches.
 
-Two lines on CPU: wall clock (the harness's interleaved medians; informational) and process CPU
-time of alternating single steps, which carries the target: on a shared machine wall time also
-measures the neighbours' load (observed here: wall ratios 0.93-1.86 for CPU-time ratios 1.31-1.45).
-On CUDA the wall-clock line (synchronised) carries the target.
+Timing: candidate and baseline alternate in blocks of 5 steps (40 blocks each, median), read on the
+harness's "auto" clock: process CPU time when torch runs one thread on the CPU (on a shared machine
+wall time also measures the neighbours' load: wall ratios 0.93-1.86 were seen for CPU-time ratios
+1.31-1.45), wall time otherwise. With two or more threads CPU time would also count the idle OpenMP
+worker spinning through CPRD's small single-threaded ops, which is not time the step takes.
+Why blocks of several steps: at two threads the single-step CPU-time ratio of five runs on the idle
+machine spread over 1.38-1.53, the wall ratio of 5-step blocks over 1.46-1.49.
 """
 
 from __future__ import annotations
@@ -57,13 +60,17 @@ def _steps(device: str):
 @register_benchmark("cprd-loss", "InfoNCE + CPRD (batch 512, K=16, both directions) fwd+bwd vs InfoNCE alone")
 def bench_cprd_loss(device: str) -> list[Comparison]:
     cand, base = _steps(device)
+
+    def block(step):
+        def run():
+            for _ in range(5):
+                step()
+        return run
+
+    c, b = time_pair(block(cand), block(base), device=device, rounds=40, warmup=1, repeat=1, clock="auto")
     on_cpu = torch.device(device).type == "cpu"
-    c, b = time_pair(cand, base, device=device, rounds=5, repeat=9)
-    rows = [Comparison("cprd-loss fwd+bwd (B=512, K=16), wall", "InfoNCE + CPRD", "InfoNCE", c, b,
-                       target=None if on_cpu else 1.5, mode="ratio")]
-    if on_cpu:
-        # alternating call by call (rounds of one call each), median of 64 process-CPU-time pairs
-        c, b = time_pair(cand, base, device=device, rounds=64, warmup=0, repeat=1, clock="cpu")
-        rows.append(Comparison("cprd-loss fwd+bwd (B=512, K=16), CPU time", "InfoNCE + CPRD", "InfoNCE", c, b,
-                               target=1.5, mode="ratio"))
-    return rows
+    threads = torch.get_num_threads()
+    clock = "wall, CUDA" if not on_cpu else "CPU time, 1 thread" if threads == 1 else f"wall, {threads} threads"
+    return [Comparison(f"cprd-loss fwd+bwd (B=512, K=16), {clock}",
+                       "InfoNCE + CPRD", "InfoNCE", c / 5, b / 5, target=1.5, mode="ratio",
+                       note="medians of 40 alternating blocks of 5 steps")]

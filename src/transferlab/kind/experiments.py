@@ -178,7 +178,9 @@ def _pretrained(cfg, family: str, seed: int, engine, diffusion, data) -> torch.n
         return model.state_dict()
 
     # locked: with `run --jobs N` the arms that share this family wait for one pre-training, not each run it
-    state = cached_torch(_pretrained_file(cfg, engine, family, seed), pretrain, save=engine.is_main)
+    # (not across the ranks of one distributed run: they pre-train together, and checkpoints are barriers)
+    state = cached_torch(_pretrained_file(cfg, engine, family, seed), pretrain, save=engine.is_main,
+                         lock=engine.num_processes == 1)
     if trained:
         engine.wait()
     else:
@@ -319,7 +321,7 @@ _QUICK = {**_SMALL, "seeds": 2, "source_per_class": 1000, "pretrain_steps": 150,
 _MEDIUM = {**_SMALL, "seeds": 2, "pretrain_steps": 500, "transfer_steps": 200, "lrs": (1e-3,), "ddim_steps": 20,
            "samples_per_class": 100, "test_per_class": 500, "judge_per_class": 1000, "judge_epochs": 1,
            "checkpoint_every": 100}
-# cpu: the longest CPU run (about 15 CPU-minutes per seed), sized so that samples are recognisable: a
+# cpu: the longest CPU run (about 37 CPU-minutes per seed), sized so that samples are recognisable: a
 # pre-training probe of this DiT on the source classes reached judge accuracy 49% at 4000 steps and 69%
 # at 8000 (chance 17%; 7% at 500 steps, the medium profile's length) with lr 1e-3 and guidance 2. The
 # probe measured source-class samples only; the target classes' images were not looked at.

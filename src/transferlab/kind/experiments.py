@@ -166,7 +166,6 @@ def _pretrained(cfg, family: str, seed: int, engine, diffusion, data) -> torch.n
     if family != "dense":
         convert(model, _kind_cfg(cfg, gate=(family == "kind")))
     model = model.to(engine.device)
-    trained = []
 
     def pretrain() -> dict:
         xs, ys = data["source"]
@@ -174,17 +173,14 @@ def _pretrained(cfg, family: str, seed: int, engine, diffusion, data) -> torch.n
             batch_size=cfg.batch_size, lr=cfg.pretrain_lr, sigma_lr_mult=cfg.sigma_lr_mult,
             class_dropout=cfg.class_dropout, seed=seed, engine=engine, phase=f"pretrain-{family}",
             checkpoint_every=cfg.checkpoint_every)
-        trained.append(True)
         return model.state_dict()
 
     # locked: with `run --jobs N` the arms that share this family wait for one pre-training, not each run it
     # (not across the ranks of one distributed run: they pre-train together, and checkpoints are barriers)
     state = cached_torch(_pretrained_file(cfg, engine, family, seed), pretrain, save=engine.is_main,
                          lock=engine.num_processes == 1)
-    if trained:
-        engine.wait()
-    else:
-        model.load_state_dict(state)
+    model.load_state_dict(state)  # (after training: the model's own weights, a no-op copy)
+    engine.wait()
     return model
 
 

@@ -1,6 +1,6 @@
 """CPRD's CPU fast paths compute exactly what the plain formulas compute.
 
-`topk_rows` (threshold + compaction mining), `_teacher_order` (unstable sort unless ties) and
+`topk_rows` (threshold + compaction mining), InfoNCE's gathered-positive path, `_teacher_order` (unstable sort unless ties) and
 `_SuffixNLL` (hand-written backward of the partial-ranking NLL) exist only for speed (benchmark
 `cprd-loss`); each is checked here against the direct computation, values and gradients.
 """
@@ -148,3 +148,50 @@ def test_a_dropped_entry_far_above_the_kept_ones_leaves_loss_and_gradient_finite
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     assert s.grad[0, 3] == 0  # padding gets no gradient
+
+
+def _infonce_reference(sim, pos, tau):
+    """-log(sum_pos exp(s/tau) / sum_all exp(s/tau)), one row at a time."""
+    rows = [torch.logsumexp(sim[i] / tau, 0) - torch.logsumexp(sim[i][pos[i]] / tau, 0) for i in range(len(sim))]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("layout", ["one", "permutation", "five_each", "ragged"])
+def test_infonce_gathered_positives_equal_the_masked_formula(layout):
+    """The gathered path (same number of positives per row) and the masked path give the same loss and gradient."""
+    g = torch.Generator().manual_seed(3)
+    n, c = 12, 60
+    pos = torch.zeros(n, c, dtype=torch.bool)
+    if layout == "one":
+        pos[torch.arange(n), torch.randint(0, c, (n,), generator=g)] = True
+    elif layout == "permutation":
+        n = c = 12
+        pos = torch.eye(n, dtype=torch.bool)[torch.randperm(n, generator=g)]
+    elif layout == "five_each":
+        pos[torch.arange(n)[:, None], torch.randperm(c, generator=g)[:5 * n].view(n, 5)] = True
+    else:
+        pos = torch.rand(n, c, generator=g) < 0.1
+        pos[:, 0] = True
+    expected_gathered = layout != "ragged"
+    assert (L.positive_columns(pos) is not None) == expected_gathered
+    sim = torch.randn(n, c, generator=g).requires_grad_()
+    fast = L.infonce_loss(sim, pos, 0.05, reduction="none")
+    masked = L.infonce_loss(sim, pos, 0.05, candidate_mask=torch.ones_like(pos), reduction="none")
+    ref = _infonce_reference(sim, pos, 0.05)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked, ref, rtol=1e-5, atol=1e-5)
+    g_fast, = torch.autograd.grad(fast.sum(), sim)
+    g_ref, = torch.autograd.grad(ref.sum(), sim)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-4)  # logits up to ~60 at tau 0.05
+
+
+def test_symmetric_infonce_inverts_a_permutation_of_positives():
+    """CPRDLoss's InfoNCE takes the text->image positives as the inverse permutation; it must equal the formula."""
+    from transferlab.cprd.model import InfoNCELoss
+
+    g = torch.Generator().manual_seed(4)
+    pos = torch.eye(9, dtype=torch.bool)[torch.randperm(9, generator=g)]
+    sim = torch.randn(9, 9, generator=g)
+    out = InfoNCELoss()(sim, pos, tau=0.1)["loss"]
+    ref = 0.5 * (_infonce_reference(sim, pos, 0.1).mean() + _infonce_reference(sim.t(), pos.t(), 0.1).mean())
+    torch.testing.assert_close(out, ref)

@@ -112,7 +112,8 @@ def topk_rows(x: torch.Tensor, k: int, blocked: torch.Tensor | None = None,
 
 
 def mine_hard_negatives(student_sim: torch.Tensor, positive_mask: torch.Tensor, k: int | None,
-                        candidate_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        candidate_mask: torch.Tensor | None = None, *,
+                        positives_per_row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's K most similar non-positive candidates per anchor.
 
     Args:
@@ -120,6 +121,8 @@ def mine_hard_negatives(student_sim: torch.Tensor, positive_mask: torch.Tensor, 
         positive_mask: [A, C] bool, True for *every* positive of the anchor (several captions per image).
         k: negatives per anchor; None takes all of them (the `cprd_all` ablation).
         candidate_mask: optional [A, C] bool of candidates allowed at all (e.g. padding = False).
+        positives_per_row: the number of positives of *every* row, when the caller has already
+            established that it is one constant (e.g. from `positive_columns`); saves counting them.
 
     Returns:
         (hard_idx [A, K] long, available [A, K] bool). Indices are sorted by decreasing student
@@ -131,8 +134,12 @@ def mine_hard_negatives(student_sim: torch.Tensor, positive_mask: torch.Tensor, 
         _check_matrix("candidate_mask", candidate_mask, student_sim.shape)
     pos = positive_mask.bool()
     blocked = pos if candidate_mask is None else pos | ~candidate_mask.bool()
-    n_blocked = blocked.view(torch.uint8).sum(1, dtype=torch.int32)  # (a bool sum would widen to int64 first)
-    fewest, most = (int(v) for v in n_blocked.aminmax())  # one pass for the check and for topk_rows
+    if positives_per_row is not None and candidate_mask is None:
+        fewest = most = int(positives_per_row)
+        n_blocked = None
+    else:
+        n_blocked = blocked.view(torch.uint8).sum(1, dtype=torch.int32)  # (a bool sum would widen to int64 first)
+        fewest, most = (int(v) for v in n_blocked.aminmax())  # one pass for the check and for topk_rows
     n_neg_min, n_neg_max = blocked.shape[1] - most, blocked.shape[1] - fewest
     if k is None:
         k = n_neg_max
@@ -140,7 +147,7 @@ def mine_hard_negatives(student_sim: torch.Tensor, positive_mask: torch.Tensor, 
         if not isinstance(k, int) or k < 1:
             raise UserError(f"k must be a positive integer (negatives per anchor), got {k!r}")
         if k > n_neg_min:
-            row = int(n_blocked.argmax().item())
+            row = 0 if n_blocked is None else int(n_blocked.argmax().item())
             raise UserError(f"k={k} is larger than the number of negatives ({n_neg_min}) of anchor {row}; "
                             f"lower k to at most {n_neg_min} or use a larger batch / candidate pool")
     if k < 1:
@@ -369,10 +376,43 @@ def cprd_loss(student_sim: torch.Tensor, teacher_scores: torch.Tensor, positive_
     return partial_ranking_nll(s, t, valid=valid, valid_param=valid_param, available=available, reduction=reduction)
 
 
+def positive_columns(positive_mask: torch.Tensor) -> torch.Tensor | None:
+    """[A, P] column indices of each row's positives if every row has the same number P >= 1, else None.
+
+    Why nonzero() and not a row count: on CPU, `sum` first converts the whole [A, C] mask to a wider
+    integer type, and that fresh buffer (page faults included) costs several times the reduction.
+    """
+    pos = positive_mask.bool()
+    a = pos.shape[0]
+    nz = pos.nonzero()  # row-major: each row's positives together, in column order
+    if a == 0 or len(nz) == 0 or len(nz) % a:
+        return None
+    p = len(nz) // a
+    if not bool((nz[:, 0].view(a, p) == torch.arange(a, device=pos.device)[:, None]).all()):
+        return None
+    return nz[:, 1].reshape(a, p)
+
+
 def infonce_loss(sim: torch.Tensor, positive_mask: torch.Tensor, tau: float | torch.Tensor,
-                 candidate_mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-    """Multi-positive InfoNCE per row: -log( sum_pos exp(s/tau) / sum_all exp(s/tau) )."""
+                 candidate_mask: torch.Tensor | None = None, reduction: str = "mean",
+                 positive_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-positive InfoNCE per row: -log( sum_pos exp(s/tau) / sum_all exp(s/tau) ).
+
+    Why two paths: when every row has the same number P of positives (P = 1: one caption per image,
+    or the text->image side of several captions per image) they are gathered (`positive_idx`, from
+    `positive_columns`) and the loss is `F.cross_entropy` (P = 1) or two plain logsumexps: about half
+    the time of the masked [A, C] path, which is kept for ragged positives and candidate masks. The
+    benchmark `cprd-loss` uses this as its InfoNCE baseline, so a slow baseline cannot flatter CPRD.
+    """
     logits = sim / tau
+    if candidate_mask is None:
+        idx = positive_columns(positive_mask) if positive_idx is None else positive_idx
+        if idx is not None:
+            if idx.shape[1] == 1:
+                per_row = F.cross_entropy(logits, idx[:, 0], reduction="none")
+            else:
+                per_row = torch.logsumexp(logits, 1) - torch.logsumexp(logits.gather(1, idx), 1)
+            return _reduce(per_row, reduction)
     keep = None if candidate_mask is None else candidate_mask.bool()
     pos = positive_mask.bool() if keep is None else positive_mask.bool() & keep
     per_row = masked_logsumexp(logits, keep, 1) - masked_logsumexp(logits, pos, 1)

@@ -24,6 +24,7 @@ from .loss import (
     margin_mse_loss,
     mine_hard_negatives,
     partial_ranking_nll,
+    positive_columns,
 )
 
 Teacher = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | torch.Tensor  # (image idx, text idx) -> scores
@@ -46,8 +47,19 @@ class _PairScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (flat,) = ctx.saved_tensors
-        grad = g.new_zeros(ctx.shape[0] * ctx.shape[1]).index_add_(0, flat, g)  # repeated pairs add up
-        return grad.view(ctx.shape), None
+        grad = g.new_zeros(ctx.shape)
+        grad.view(-1).index_add_(0, flat, g)  # repeated pairs add up
+        # `grad` itself (not a view of a flat buffer) is returned, so autograd may add sim's other
+        # gradient into it in place instead of allocating a third [I, T] buffer
+        return grad, None
+
+
+def _inverse_permutation(idx: torch.Tensor, n_cols: int) -> torch.Tensor | None:
+    """[C, 1] row of each column's single positive if `idx` ([A, 1]) is a permutation (A == C), else None."""
+    if idx.shape[1] != 1 or idx.shape[0] != n_cols:
+        return None
+    inv = torch.full_like(idx, -1).scatter_(0, idx, torch.arange(n_cols, device=idx.device)[:, None])
+    return inv if bool((inv >= 0).all()) else None
 
 
 def _teacher_scores(teacher: Teacher, img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
@@ -85,9 +97,9 @@ class ContrastiveDistillLoss(nn.Module):
     def distill(self, s: torch.Tensor, t: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
         return s.new_zeros(s.shape[0])
 
-    def _mine(self, sim, pos):
+    def _mine(self, sim, pos, positives_per_row=None):
         """Candidate columns per anchor row (positive first if needed) and their availability."""
-        hard_idx, available = mine_hard_negatives(sim, pos, self.config.k)
+        hard_idx, available = mine_hard_negatives(sim, pos, self.config.k, positives_per_row=positives_per_row)
         if not self.needs_positive:
             return hard_idx, available
         # the best-scoring positive of each anchor (the only one when there is one caption per image)
@@ -101,9 +113,15 @@ class ContrastiveDistillLoss(nn.Module):
         pos = positive_mask.bool()
         if pos.shape != sim.shape:
             raise UserError(f"positive_mask has shape {tuple(pos.shape)}, sim {tuple(sim.shape)}")
-        if not pos.any(1).all() or not pos.any(0).all():
+        u = pos.view(torch.uint8)  # a uint8 max needs no widened copy of the mask (bool any() and sum() do)
+        if not (bool(u.amax(1).all()) and bool(u.amax(0).all())):
             raise UserError("every image and every text in the batch needs at least one positive")
-        nce = 0.5 * (infonce_loss(sim, pos, tau) + infonce_loss(sim.t(), pos.t(), tau))
+        idx_row = positive_columns(pos)
+        idx_col = _inverse_permutation(idx_row, pos.shape[1]) if idx_row is not None else None
+        if idx_col is None:
+            idx_col = positive_columns(pos.t())
+        nce = 0.5 * (infonce_loss(sim, pos, tau, positive_idx=idx_row) +
+                     infonce_loss(sim.t(), pos.t(), tau, positive_idx=idx_col))
         w = cfg.weight if weight is None else weight
         if type(self).distill is ContrastiveDistillLoss.distill or w == 0:
             return {"loss": nce, "infonce": nce.detach(), "distill": nce.new_zeros(())}
@@ -111,8 +129,8 @@ class ContrastiveDistillLoss(nn.Module):
             raise UserError(f"{type(self).__name__} needs a teacher (score matrix or pair scorer)")
         # Reconstructed: the distillation term uses the ITC temperature (or cfg.tau) but does not train it.
         t_d = cfg.tau if cfg.tau is not None else (tau.detach() if torch.is_tensor(tau) else tau)
-        views = [(sim, pos)] + ([(sim.t(), pos.t())] if cfg.symmetric else [])
-        mined = [self._mine(m, p) for m, p in views]
+        views = [(sim, pos, idx_row)] + ([(sim.t(), pos.t(), idx_col)] if cfg.symmetric else [])
+        mined = [self._mine(m, p, None if i is None else i.shape[1]) for m, p, i in views]
         # one teacher call for both directions, in (image, text) orientation
         img, txt = [], []
         for d, (cols, _) in enumerate(mined):

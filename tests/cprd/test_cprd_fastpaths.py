@@ -1,8 +1,9 @@
 """CPRD's CPU fast paths compute exactly what the plain formulas compute.
 
-`topk_rows` (threshold + compaction mining), InfoNCE's gathered-positive path, `_teacher_order` (unstable sort unless ties) and
-`_SuffixNLL` (hand-written backward of the partial-ranking NLL) exist only for speed (benchmark
-`cprd-loss`); each is checked here against the direct computation, values and gradients.
+`topk_rows` (threshold + compaction mining), InfoNCE's gathered-positive path, `_teacher_order`
+(unstable sort unless ties) and `_SuffixNLL` (hand-written backward of the partial-ranking NLL) exist
+only for speed (benchmark `cprd-loss`); each is checked here against the direct computation, values
+and gradients.
 """
 
 import pytest

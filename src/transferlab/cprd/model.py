@@ -97,13 +97,17 @@ class ContrastiveDistillLoss(nn.Module):
     def distill(self, s: torch.Tensor, t: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
         return s.new_zeros(s.shape[0])
 
-    def _mine(self, sim, pos, positives_per_row=None):
-        """Candidate columns per anchor row (positive first if needed) and their availability."""
-        hard_idx, available = mine_hard_negatives(sim, pos, self.config.k, positives_per_row=positives_per_row)
+    def _mine(self, sim, pos, pos_idx=None):
+        """Candidate columns per anchor row (positive first if needed) and their availability.
+
+        `pos_idx`: [A, P] positive columns from `positive_columns`, or None when rows differ in P.
+        """
+        p = None if pos_idx is None else pos_idx.shape[1]
+        hard_idx, available = mine_hard_negatives(sim, pos, self.config.k, positives_per_row=p)
         if not self.needs_positive:
             return hard_idx, available
         # the best-scoring positive of each anchor (the only one when there is one caption per image)
-        best_pos = sim.detach().masked_fill(~pos, float("-inf")).argmax(1, keepdim=True)
+        best_pos = pos_idx if p == 1 else sim.detach().masked_fill(~pos, float("-inf")).argmax(1, keepdim=True)
         return torch.cat([best_pos, hard_idx], 1), torch.cat([torch.ones_like(available[:, :1]), available], 1)
 
     def forward(self, sim: torch.Tensor, positive_mask: torch.Tensor, teacher: Teacher | None = None,
@@ -130,7 +134,7 @@ class ContrastiveDistillLoss(nn.Module):
         # Reconstructed: the distillation term uses the ITC temperature (or cfg.tau) but does not train it.
         t_d = cfg.tau if cfg.tau is not None else (tau.detach() if torch.is_tensor(tau) else tau)
         views = [(sim, pos, idx_row)] + ([(sim.t(), pos.t(), idx_col)] if cfg.symmetric else [])
-        mined = [self._mine(m, p, None if i is None else i.shape[1]) for m, p, i in views]
+        mined = [self._mine(m, p, i) for m, p, i in views]
         # one teacher call for both directions, in (image, text) orientation
         img, txt = [], []
         for d, (cols, _) in enumerate(mined):

@@ -1,34 +1,43 @@
 """CPRD's CPU fast paths compute exactly what the plain formulas compute.
 
-`topk_rows` (threshold + compaction mining), InfoNCE's gathered-positive path, `_teacher_order`
-(unstable sort unless ties) and `_SuffixNLL` (hand-written backward of the partial-ranking NLL) exist
-only for speed (benchmark `cprd-loss`); each is checked here against the direct computation, values
-and gradients.
+`topk_rows` (the C kernel, and the PyTorch threshold + compaction path used without a compiler),
+InfoNCE's gathered-positive path, `_teacher_order` (unstable sort unless ties) and `_SuffixNLL`
+(hand-written backward of the partial-ranking NLL) exist only for speed (benchmark `cprd-loss`);
+each is checked here against the direct computation, values and gradients.
 """
 
 import pytest
 import torch
 
 import transferlab.cprd.loss as L
-from transferlab.cprd import cprd_loss, mine_hard_negatives, partial_ranking_nll
+from transferlab.cprd import cprd_loss, mine_hard_negatives, native_topk, partial_ranking_nll
 
 
 def masked_topk(x, k, blocked):
     return (x if blocked is None else x.masked_fill(blocked, float("-inf"))).topk(k, dim=1)
 
 
-@pytest.fixture
-def count_fast(monkeypatch):
-    """Counts how often the threshold shortcut answered (so a test cannot pass on the fallback alone)."""
+@pytest.fixture(params=["native", "torch"])
+def count_fast(request, monkeypatch):
+    """Counts how often the fast path under test answered (so a test cannot pass on the fallback alone).
+
+    "native": the C kernel (skipped without a C compiler); "torch": the PyTorch shortcut, with C disabled.
+    """
     calls = {"fast": 0, "fallback": 0}
-    real = L._threshold_topk
+    if request.param == "native":
+        if not native_topk.available():
+            pytest.skip("no C compiler: the C kernel is not built")
+        real, name = native_topk.topk_rows_native, "topk_rows_native"
+    else:
+        monkeypatch.setattr(L, "topk_rows_native", lambda *a: None)
+        real, name = L._threshold_topk, "_threshold_topk"
 
     def spy(*a):
         out = real(*a)
         calls["fast" if out is not None else "fallback"] += 1
         return out
 
-    monkeypatch.setattr(L, "_threshold_topk", spy)
+    monkeypatch.setattr(L, name, spy)
     return calls
 
 
@@ -51,7 +60,10 @@ def test_topk_rows_equals_masked_topk(count_fast, transposed, ties):
     assert count_fast["fast"] >= 3  # the shortcut itself was tested, not only the fallback
 
 
-def test_topk_rows_nan_and_inf_rows():
+@pytest.mark.parametrize("native", [True, False])
+def test_topk_rows_nan_and_inf_rows(native, monkeypatch):
+    if not native:
+        monkeypatch.setattr(L, "topk_rows_native", lambda *a: None)
     x = torch.randn(16, 512)
     x[2, 7] = float("nan")  # topk ranks NaN first; the shortcut cannot, so it falls back
     x[5, :500] = float("-inf")
@@ -59,6 +71,26 @@ def test_topk_rows_nan_and_inf_rows():
     rv, ri = x.topk(16, dim=1)
     assert torch.equal(v.isnan(), rv.isnan()) and torch.equal(v[~v.isnan()], rv[~rv.isnan()])
     assert torch.equal(x.gather(1, i)[5], rv[5])
+
+
+def test_native_topk_declines_what_it_cannot_rank():
+    if not native_topk.available():
+        pytest.skip("no C compiler: the C kernel is not built")
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(32, 512, generator=g)
+    x[5, :500] = float("-inf")  # -inf entries are ranked like topk ranks them
+    v, _ = native_topk.topk_rows_native(x, 16, None, 0)
+    assert torch.equal(v, x.topk(16, dim=1).values)
+    y = x.clone()
+    y[3, 300] = float("nan")  # NaN in a later group slab: a max would hide it, the kernel must not
+    assert native_topk.topk_rows_native(y, 16, None, 0) is None
+    assert native_topk.topk_rows_native(y.t().contiguous().t(), 16, None, 0) is None
+    blocked = torch.zeros(32, 512, dtype=torch.bool)
+    blocked[7, 10:] = True  # row 7 keeps 10 candidates < k
+    assert native_topk.topk_rows_native(x, 16, blocked, 502) is None
+    # a view that is neither row- nor column-contiguous is copied first
+    z = torch.randn(32, 1024, generator=g)[:, ::2]
+    assert torch.equal(native_topk.topk_rows_native(z, 8, None, 0)[0], z.topk(8, dim=1).values)
 
 
 def test_mining_with_several_positives_matches_masked_topk():

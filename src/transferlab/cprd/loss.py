@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import UserError
+from .native_topk import topk_rows_native
 
 VALID_RULES = ("all", "top_m", "threshold")
 
@@ -91,9 +92,10 @@ def topk_rows(x: torch.Tensor, k: int, blocked: torch.Tensor | None = None,
     """Row-wise top-k (values, indices) of the entries not `blocked`, sorted descending; exact.
 
     Why not `x.masked_fill(blocked, -inf).topk(k)`: on CPU that costs ~2.5 ms for 512 x 512 at k = 16
-    (twice per CPRD step) plus 0.3 ms for the masked copy. `_threshold_topk` finds the same entries
-    from the raw rows (`max_blocked` = the most blocked entries of any row, counted if not given).
-    Falls back to the masked `topk` on GPU (where `topk` is fast), for short rows or many blocked entries.
+    (twice per CPRD step) plus 0.3 ms for the masked copy. The C kernel (`native_topk`, when a C
+    compiler is available) and, without it, `_threshold_topk` find the same entries from the raw rows
+    (`max_blocked` = the most blocked entries of any row, counted if not given). Falls back to the
+    masked `topk` on GPU (where `topk` is fast), for short rows or many blocked entries.
     """
     n, c = x.shape
     extra = 0
@@ -101,6 +103,9 @@ def topk_rows(x: torch.Tensor, k: int, blocked: torch.Tensor | None = None,
         extra = int(blocked.view(torch.uint8).sum(1, dtype=torch.int32).max()) if max_blocked is None else max_blocked
     kk = k + extra
     if x.device.type == "cpu" and kk <= c // 8:
+        out = topk_rows_native(x, k, blocked, extra)  # one C pass, when a C compiler is available
+        if out is not None:
+            return out
         g = next((g for g in (16, 8, 4) if c % g == 0 and c // g >= 2 * kk), 0)
         if g:
             # row-major x, or a transposed one (text->image: `sim.t()`), is read in place

@@ -42,7 +42,7 @@ class _PairScores(torch.autograd.Function):
     def forward(ctx, sim: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(flat)
         ctx.shape = sim.shape
-        return sim.reshape(-1).take(flat)
+        return sim.reshape(-1).index_select(0, flat)  # (index_select: about half the time of take on CPU)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -66,7 +66,8 @@ def _teacher_scores(teacher: Teacher, img_idx: torch.Tensor, txt_idx: torch.Tens
     """Teacher scores of (image, text) index pairs; never tracks gradients, rejects NaN."""
     if isinstance(teacher, torch.Tensor):
         t = teacher.detach()
-        out = t.reshape(-1).take(img_idx * t.shape[1] + txt_idx)  # only the pairs used are read (and checked)
+        # only the pairs used are read (and checked)
+        out = t.reshape(-1).index_select(0, img_idx * t.shape[1] + txt_idx)
     else:
         with torch.no_grad():
             out = teacher(img_idx, txt_idx)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import transferlab.cprd.loss as L
-from transferlab.cprd import cprd_loss, mine_hard_negatives, native_topk, partial_ranking_nll
+from transferlab.cprd import cprd_loss, kernels, mine_hard_negatives, partial_ranking_nll
 
 
 def masked_topk(x, k, blocked):
@@ -25,9 +25,9 @@ def count_fast(request, monkeypatch):
     """
     calls = {"fast": 0, "fallback": 0}
     if request.param == "native":
-        if not native_topk.available():
+        if not kernels.available():
             pytest.skip("no C compiler: the C kernel is not built")
-        real, name = native_topk.topk_rows_native, "topk_rows_native"
+        real, name = kernels.topk_rows_native, "topk_rows_native"
     else:
         monkeypatch.setattr(L, "topk_rows_native", lambda *a: None)
         real, name = L._threshold_topk, "_threshold_topk"
@@ -74,23 +74,23 @@ def test_topk_rows_nan_and_inf_rows(native, monkeypatch):
 
 
 def test_native_topk_declines_what_it_cannot_rank():
-    if not native_topk.available():
+    if not kernels.available():
         pytest.skip("no C compiler: the C kernel is not built")
     g = torch.Generator().manual_seed(13)
     x = torch.randn(32, 512, generator=g)
     x[5, :500] = float("-inf")  # -inf entries are ranked like topk ranks them
-    v, _ = native_topk.topk_rows_native(x, 16, None, 0)
+    v, _ = kernels.topk_rows_native(x, 16, None, 0)
     assert torch.equal(v, x.topk(16, dim=1).values)
     y = x.clone()
     y[3, 300] = float("nan")  # NaN in a later group slab: a max would hide it, the kernel must not
-    assert native_topk.topk_rows_native(y, 16, None, 0) is None
-    assert native_topk.topk_rows_native(y.t().contiguous().t(), 16, None, 0) is None
+    assert kernels.topk_rows_native(y, 16, None, 0) is None
+    assert kernels.topk_rows_native(y.t().contiguous().t(), 16, None, 0) is None
     blocked = torch.zeros(32, 512, dtype=torch.bool)
     blocked[7, 10:] = True  # row 7 keeps 10 candidates < k
-    assert native_topk.topk_rows_native(x, 16, blocked, 502) is None
+    assert kernels.topk_rows_native(x, 16, blocked, 502) is None
     # a view that is neither row- nor column-contiguous is copied first
     z = torch.randn(32, 1024, generator=g)[:, ::2]
-    assert torch.equal(native_topk.topk_rows_native(z, 8, None, 0)[0], z.topk(8, dim=1).values)
+    assert torch.equal(kernels.topk_rows_native(z, 8, None, 0)[0], z.topk(8, dim=1).values)
 
 
 def test_mining_with_several_positives_matches_masked_topk():
@@ -105,7 +105,12 @@ def test_mining_with_several_positives_matches_masked_topk():
         assert torch.equal(s.gather(1, idx), masked_topk(s, 16, p).values)
 
 
-def test_teacher_order_is_stable_under_ties():
+@pytest.mark.parametrize("native", [True, False])
+def test_teacher_order_is_stable_under_ties(native, monkeypatch):
+    if native and not kernels.available():
+        pytest.skip("no C compiler: the C kernel is not built")
+    if not native:
+        monkeypatch.setattr(L, "argsort_rows_desc_native", lambda t: None)
     torch.manual_seed(12)
     for width in (16, 64):  # (an unstable CPU sort already reorders ties at width 64)
         t = torch.randint(0, 3, (200, width)).float()  # many ties: the stable sort must run
@@ -228,3 +233,17 @@ def test_symmetric_infonce_inverts_a_permutation_of_positives():
     out = InfoNCELoss()(sim, pos, tau=0.1)["loss"]
     ref = 0.5 * (_infonce_reference(sim, pos, 0.1).mean() + _infonce_reference(sim.t(), pos.t(), 0.1).mean())
     torch.testing.assert_close(out, ref)
+
+
+def test_native_argsort_matches_stable_sort_and_declines_nan():
+    if not kernels.available():
+        pytest.skip("no C compiler: the C kernel is not built")
+    g = torch.Generator().manual_seed(14)
+    for k in (1, 2, 5, 16, 17, 64):  # 17: padding to the next power of two
+        t = torch.randn(100, k, generator=g).round()  # many ties
+        t[0, 0], t[1, -1] = float("-inf"), float("inf")
+        assert torch.equal(kernels.argsort_rows_desc_native(t),
+                           torch.sort(t, dim=1, descending=True, stable=True).indices)
+    t[5, 0] = float("nan")
+    assert kernels.argsort_rows_desc_native(t) is None
+    assert kernels.argsort_rows_desc_native(torch.randn(4, 65)) is None  # long rows: torch.sort

@@ -62,15 +62,14 @@ def _inverse_permutation(idx: torch.Tensor, n_cols: int) -> torch.Tensor | None:
     return inv if bool((inv >= 0).all()) else None
 
 
-def _teacher_scores(teacher: Teacher, img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
-    """Teacher scores of (image, text) index pairs; never tracks gradients, rejects NaN."""
+def _teacher_scores(teacher: Teacher, flat: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Teacher scores of the (image, text) pairs at flat indices image * n_cols + text; no gradients, no NaN."""
     if isinstance(teacher, torch.Tensor):
         t = teacher.detach()
-        # only the pairs used are read (and checked)
-        out = t.reshape(-1).index_select(0, img_idx * t.shape[1] + txt_idx)
+        out = t.reshape(-1).index_select(0, flat)  # only the pairs used are read (and checked)
     else:
         with torch.no_grad():
-            out = teacher(img_idx, txt_idx)
+            out = teacher(flat.div(n_cols, rounding_mode="floor"), flat.remainder(n_cols))
         out = out.detach()
     if torch.isnan(out).any():
         raise UserError("the teacher returned NaN scores; check it (e.g. fp16 overflow) before distilling")
@@ -136,24 +135,28 @@ class ContrastiveDistillLoss(nn.Module):
         t_d = cfg.tau if cfg.tau is not None else (tau.detach() if torch.is_tensor(tau) else tau)
         views = [(sim, pos, idx_row)] + ([(sim.t(), pos.t(), idx_col)] if cfg.symmetric else [])
         mined = [self._mine(m, p, i) for m, p, i in views]
-        # one teacher call for both directions, in (image, text) orientation
-        img, txt = [], []
-        for d, (cols, _) in enumerate(mined):
-            anchors = torch.arange(cols.shape[0], device=sim.device)[:, None].expand_as(cols).reshape(-1)
-            img.append(anchors if d == 0 else cols.reshape(-1))
-            txt.append(cols.reshape(-1) if d == 0 else anchors)
-        img, txt = torch.cat(img), torch.cat(txt)
-        sizes = [c.numel() for c, _ in mined]
-        t_all = _teacher_scores(teacher, img, txt).to(sim.dtype).split(sizes)
-        s_all = (_PairScores.apply(sim, img * sim.shape[1] + txt) / t_d).split(sizes)
-        s = [x.view(cols.shape) for x, (cols, _) in zip(s_all, mined)]
-        t = [tt.reshape(cols.shape) for tt, (cols, _) in zip(t_all, mined)]
-        avail = [a for _, a in mined]
-        if len({x.shape[1] for x in s}) == 1:  # one batched call for both directions (fewer small ops)
-            rows = self.distill(torch.cat(s), torch.cat(t), torch.cat(avail)).split([x.shape[0] for x in s])
+        # one teacher call and one read of sim for both directions' pairs, as flat (image, text) indices
+        n = sim.shape[1]
+        (cols_i, avail_i), *rest = mined
+        flat = [cols_i + torch.arange(0, cols_i.shape[0] * n, n, device=sim.device)[:, None]]
+        if rest:  # text anchors j, image columns r: pair (r, j)
+            cols_t = rest[0][0]
+            flat.append(cols_t * n + torch.arange(cols_t.shape[0], device=sim.device)[:, None])
+        flat = torch.cat([f.reshape(-1) for f in flat])
+        t_all = _teacher_scores(teacher, flat, n).to(sim.dtype)
+        s_all = _PairScores.apply(sim, flat) / t_d
+        widths = [c.shape[1] for c, _ in mined]
+        if len(set(widths)) == 1:  # one batched call for both directions (fewer small ops)
+            avail = torch.cat([a for _, a in mined]) if rest else avail_i
+            rows = self.distill(s_all.view(-1, widths[0]), t_all.view(-1, widths[0]), avail)
+            if rest and cols_i.shape[0] != cols_t.shape[0]:  # each direction weighs the same
+                d = torch.stack([r.mean() for r in rows.split([cols_i.shape[0], cols_t.shape[0]])]).mean()
+            else:  # equal row counts: the mean over all rows is the mean of the two directions' means
+                d = rows.mean()
         else:
-            rows = [self.distill(*z) for z in zip(s, t, avail)]
-        d = torch.stack([r.mean() for r in rows]).mean()
+            sizes = [c.numel() for c, _ in mined]
+            d = torch.stack([self.distill(x.view(c.shape), y.view(c.shape), a).mean() for x, y, (c, a) in
+                             zip(s_all.split(sizes), t_all.split(sizes), mined)]).mean()
         return {"loss": nce + w * d, "infonce": nce.detach(), "distill": d.detach()}
 
 

@@ -1,21 +1,26 @@
-"""Row-wise top-k of a float32 CPU matrix, skipping blocked entries, in one C pass (see core/native.py).
+"""C kernels for CPRD's CPU hot spots, compiled on first use (see core/native.py); PyTorch does the same without.
 
-Used by `topk_rows` for CPRD's hard-negative mining when a C compiler is available; the result is the
-same as `x.masked_fill(blocked, -inf).topk(k)` (values sorted descending; among equal values the
-lower column comes first). Why C: on CPU this selection was ~70% of CPRD's cost over InfoNCE, and
-neither `topk` nor a chain of vectorised PyTorch ops gets close to a single loop.
+Why C: on CPU, the hard-negative mining was ~70% of CPRD's cost over InfoNCE and the teacher-order
+sort a good part of the rest; neither `topk`/`sort` (scalar, ~10 ns per element) nor a chain of
+vectorised PyTorch ops (a few microseconds of dispatch each) gets close to a single loop.
 
-The algorithm is the one of `_threshold_topk`, with the selection done per row in registers:
+`topk_rows_native`: row-wise top-k of a float32 matrix, skipping blocked entries; the same result as
+`x.masked_fill(blocked, -inf).topk(k)` (values sorted descending; among equal values the lower column
+first). The algorithm is the one of `loss._threshold_topk`, with the selection done per row in registers:
 1. group maxima: column j's group is {j, j + w, j + 2w, ...} (w = cols / g), an elementwise max of g
    slabs, which vectorises in both layouts (row-major, and a transposed view such as `sim.t()`);
 2. a threshold tau with at least kk = k + extra group maxima >= tau, found by bisection between the
-   row's smallest and largest group max (each step one vectorised count over w values). Those kk
-   maxima are distinct entries, at most `extra` of them blocked, so the k largest unblocked entries
-   are all >= tau;
+   row's smallest and largest group max (each step one vectorised count). Those kk maxima are distinct
+   entries, at most `extra` of them blocked, so the k largest unblocked entries are all >= tau;
 3. one scan of the row that skips 16-entry blocks without an entry >= tau and inserts the others into
    a sorted list of k; once the list is full, an entry must beat its last one (so ties keep the
    lower column), and the bar rises as the list improves.
 Rows with a NaN, or with fewer than k unblocked entries, return a status and the caller falls back.
+
+`argsort_rows_desc_native`: the stable descending argsort of each row of a short-row matrix (the
+teacher's order of the K mined negatives): Batcher's odd-even merge sort network, applied to all rows
+at once so that every compare-exchange is a vectorised pass over rows; the column index breaks ties,
+which makes the network's order that of a stable sort.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ SOURCE = r"""
 #include <emmintrin.h>
 #endif
 typedef int64_t i64;
+#define STEPS 8  /* bisection steps: 6 or more leave ~k + 4 survivors per row of 512 (exact k-th: k + 3) */
 
 /* bit i set where a[i] >= t[i] (i < 16); t is one value or one per lane */
 static inline uint32_t hits16(const float *restrict a, const float *restrict t, int per_lane) {
@@ -68,7 +74,7 @@ static inline void put(float *restrict v, i64 *restrict id, i64 m, i64 k, float 
    the row's smallest and largest maximum. gm[j * ld + r] holds maximum j of row r; the loops run over
    rows innermost, so they vectorise for any number of rows. */
 static void thresholds(const float *restrict gm, i64 rows, i64 ld, i64 w, i64 kk, float *restrict lo,
-                       float *restrict hi, int32_t *restrict cnt) {
+                       float *restrict hi, float *restrict mid, int32_t *restrict cnt) {
     for (i64 r = 0; r < rows; r++) lo[r] = hi[r] = gm[r];
     for (i64 j = 1; j < w; j++)
         for (i64 r = 0; r < rows; r++) {
@@ -76,13 +82,12 @@ static void thresholds(const float *restrict gm, i64 rows, i64 ld, i64 w, i64 kk
             lo[r] = x < lo[r] ? x : lo[r]; hi[r] = x > hi[r] ? x : hi[r];
         }
     for (i64 r = 0; r < rows; r++) if (!(hi[r] - lo[r] < 3.0e38f)) hi[r] = lo[r];  /* infinities: keep lo */
-    for (int s = 0; s < 10; s++) {
-        for (i64 r = 0; r < rows; r++) cnt[r] = 0;
+    for (int s = 0; s < STEPS; s++) {
+        for (i64 r = 0; r < rows; r++) { cnt[r] = 0; mid[r] = lo[r] + (hi[r] - lo[r]) * 0.5f; }
         for (i64 j = 0; j < w; j++)
-            for (i64 r = 0; r < rows; r++) cnt[r] += gm[j * ld + r] >= lo[r] + (hi[r] - lo[r]) * 0.5f;
+            for (i64 r = 0; r < rows; r++) cnt[r] += gm[j * ld + r] >= mid[r];
         for (i64 r = 0; r < rows; r++) {
-            float mid = lo[r] + (hi[r] - lo[r]) * 0.5f;
-            if (cnt[r] >= kk) lo[r] = mid; else hi[r] = mid;
+            if (cnt[r] >= kk) lo[r] = mid[r]; else hi[r] = mid[r];
         }
     }
 }
@@ -96,11 +101,11 @@ int tl_topk_rows(const float *restrict x, i64 rows, i64 cols, i64 rs, i64 cs,
                  float *restrict vals, i64 *restrict idx) {
     i64 w = cols / g;
     float *gm = malloc(sizeof(float) * w * rows), *tau = malloc(sizeof(float) * rows);
-    float *hi = malloc(sizeof(float) * (rows > w ? rows : w));
+    float *hi = malloc(sizeof(float) * (rows > w ? rows : w)), *mid = malloc(sizeof(float) * rows);
     int32_t *cnt = malloc(sizeof(int32_t) * rows);
     i64 *n = calloc((size_t)rows, sizeof(i64));
     int status = 0, nan = 0;
-    if (!gm || !tau || !hi || !cnt || !n) { status = 3; goto done; }
+    if (!gm || !tau || !hi || !mid || !cnt || !n) { status = 3; goto done; }
     /* 1. group maxima gm[j][r] = max_a x[r, a * w + j], read in memory order; a NaN anywhere is flagged
        (comparisons would skip it) */
     if (cs == 1) {
@@ -125,7 +130,7 @@ int tl_topk_rows(const float *restrict x, i64 rows, i64 cols, i64 rs, i64 cs,
     }
     if (nan) { status = 1; goto done; }
     /* 2. a safe bound per row */
-    thresholds(gm, rows, rows, w, kk, tau, hi, cnt);
+    thresholds(gm, rows, rows, w, kk, tau, hi, mid, cnt);
     /* 3. scan: only entries >= the bar reach the list; the bar rises to the list's last once it is full */
     if (cs == 1) {
         for (i64 r = 0; r < rows; r++) {
@@ -162,19 +167,67 @@ int tl_topk_rows(const float *restrict x, i64 rows, i64 cols, i64 rs, i64 cs,
     }
     for (i64 r = 0; r < rows; r++) if (n[r] < k) { status = 2; break; }
 done:
-    free(gm); free(tau); free(hi); free(cnt); free(n);
+    free(gm); free(tau); free(hi); free(mid); free(cnt); free(n);
     return status;
 }
 
+
+/* one compare-exchange of slabs a and b for every row: b's element moves first if it is larger, or
+   equal with a lower column. Written with bit masks, not `?:`, so that the compiler vectorises it. */
+static void exchange(float *restrict va, float *restrict vb, int32_t *restrict ia, int32_t *restrict ib, i64 rows) {
+    for (i64 r = 0; r < rows; r++) {
+        union { float f; int32_t i; } x = {va[r]}, y = {vb[r]}, hi, lo;
+        int32_t a = ia[r], b = ib[r];
+        int32_t m = -((int32_t)(y.f > x.f) | ((int32_t)(y.f == x.f) & (int32_t)(b < a)));  /* all ones: swap */
+        hi.i = (y.i & m) | (x.i & ~m); lo.i = (x.i & m) | (y.i & ~m);
+        va[r] = hi.f; vb[r] = lo.f;
+        ia[r] = (b & m) | (a & ~m); ib[r] = (a & m) | (b & ~m);
+    }
+}
+
+/* Stable descending argsort of each row of t [rows, k] (row-major) into order [rows, k]. The rows are
+   transposed into n (k rounded up to a power of two) slabs of `rows` values, padded with -inf and
+   column ids >= k (so padding sorts last), and run through Batcher's odd-even merge sort network.
+   Element (value, column) a comes before b when a's value is larger, or equal with a lower column.
+   Returns 1 if t holds a NaN (no order is defined; the caller sorts with torch), 3 if out of memory. */
+int tl_argsort_rows_desc(const float *restrict t, i64 rows, i64 k, i64 *restrict order) {
+    i64 n = 1;
+    while (n < k) n <<= 1;
+    float *v = malloc(sizeof(float) * n * rows);
+    int32_t *id = malloc(sizeof(int32_t) * n * rows);
+    int status = 0, nan = 0;
+    if (!v || !id) { status = 3; goto done; }
+    for (i64 j = 0; j < n; j++)
+        for (i64 r = 0; r < rows; r++) {
+            float x = j < k ? t[r * k + j] : -__builtin_inff();
+            v[j * rows + r] = x; id[j * rows + r] = (int32_t)j; nan |= x != x;
+        }
+    if (nan) { status = 1; goto done; }
+    for (i64 p = 1; p < n; p <<= 1)
+        for (i64 d = p; d >= 1; d >>= 1)
+            for (i64 j = d % p; j + d < n; j += 2 * d)
+                for (i64 i = 0; i < d && i + j + d < n; i++) {
+                    if ((i + j) / (2 * p) != (i + j + d) / (2 * p)) continue;
+                    exchange(v + (i + j) * rows, v + (i + j + d) * rows, id + (i + j) * rows,
+                             id + (i + j + d) * rows, rows);
+                }
+    for (i64 r = 0; r < rows; r++)
+        for (i64 j = 0; j < k; j++) order[r * k + j] = id[j * rows + r];
+done:
+    free(v); free(id);
+    return status;
+}
 """
 
 
 def _library():
-    lib = native.load("cprd_topk", SOURCE)
+    lib = native.load("cprd_kernels", SOURCE)
     if lib is not None and not getattr(lib, "_typed", False):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.tl_topk_rows.restype = ctypes.c_int
         lib.tl_topk_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr]
+        lib.tl_argsort_rows_desc.restype = ctypes.c_int
+        lib.tl_argsort_rows_desc.argtypes = [ptr, i64, i64, ptr]
         lib._typed = True
     return lib
 
@@ -213,3 +266,19 @@ def topk_rows_native(x: torch.Tensor, k: int, blocked: torch.Tensor | None,
     if status == 3:
         raise MemoryError("tl_topk_rows: out of memory")
     return (vals, idx) if status == 0 else None
+
+
+def argsort_rows_desc_native(t: torch.Tensor) -> torch.Tensor | None:
+    """`torch.sort(t, dim=1, descending=True, stable=True).indices` for a float32 CPU matrix with short rows
+    (at most 64), or None when the C path does not apply (no compiler, other dtype or device, NaN)."""
+    lib = _library()
+    if lib is None or t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 2 or not 0 < t.shape[1] <= 64:
+        return None
+    t = t.contiguous()
+    order = torch.empty(t.shape, dtype=torch.int64)
+    if t.shape[0] == 0:
+        return order
+    status = lib.tl_argsort_rows_desc(t.data_ptr(), t.shape[0], t.shape[1], order.data_ptr())
+    if status == 3:
+        raise MemoryError("tl_argsort_rows_desc: out of memory")
+    return order if status == 0 else None

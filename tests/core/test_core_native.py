@@ -10,6 +10,7 @@ SOURCE = "int tl_answer(void) { return 42; }\n"
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFERLAB_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.delenv("TRANSFERLAB_NATIVE", raising=False)  # these tests set it themselves
     native.load.cache_clear()
     yield tmp_path
     native.load.cache_clear()

@@ -6,7 +6,7 @@ vectorised PyTorch ops (a few microseconds of dispatch each) gets close to a sin
 
 `topk_rows_native`: row-wise top-k of a float32 matrix, skipping blocked entries; the same result as
 `x.masked_fill(blocked, -inf).topk(k)` (values sorted descending; among equal values the lower column
-first). The algorithm is the one of `loss._threshold_topk`, with the selection done per row in registers:
+first). The idea is that of `loss._threshold_topk` (a safe threshold from group maxima), in one call:
 1. group maxima: column j's group is {j, j + w, j + 2w, ...} (w = cols / g), an elementwise max of g
    slabs, which vectorises in both layouts (row-major, and a transposed view such as `sim.t()`);
 2. a threshold tau with at least kk = k + extra group maxima >= tau, found by bisection between the

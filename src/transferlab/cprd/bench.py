@@ -2,7 +2,8 @@
 
 Batch 512, K = 16, embedding dim 256; the teacher scores are a precomputed matrix, so the ratio
 measures the loss itself (mining, gather, sort, suffix logsumexp), not a teacher's forward pass.
-Target: at most 1.5x InfoNCE alone (issue 8).
+Target: at most 1.5x InfoNCE alone (issue 8). On CPU the label says whether CPRD's C kernels
+(cprd/kernels.py) ran or the PyTorch path did (no C compiler, or TRANSFERLAB_NATIVE=0).
 
 Why several batches in rotation: a training step never sees the same batch twice in a row. Timing
 one repeated batch lets the CPU's branch predictor learn `topk`/`sort`'s comparisons, which makes
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from ..core.bench import Comparison, time_pair
 from ..core.registry import register_benchmark
+from . import kernels
 from .model import CPRDLoss, InfoNCELoss
 
 
@@ -71,6 +73,8 @@ def bench_cprd_loss(device: str) -> list[Comparison]:
     on_cpu = torch.device(device).type == "cpu"
     threads = torch.get_num_threads()
     clock = "wall, CUDA" if not on_cpu else "CPU time, 1 thread" if threads == 1 else f"wall, {threads} threads"
+    # the CPU result depends on whether the C kernels were built (see cprd/kernels.py)
+    clock += "" if not on_cpu else ", C kernels" if kernels.available() else ", PyTorch path (no C kernels)"
     return [Comparison(f"cprd-loss fwd+bwd (B=512, K=16), {clock}",
                        "InfoNCE + CPRD", "InfoNCE", c / 5, b / 5, target=1.5, mode="ratio",
                        note="medians of 40 alternating blocks of 5 steps")]

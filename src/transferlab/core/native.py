@@ -73,7 +73,8 @@ def load(name: str, source: str) -> ctypes.CDLL | None:
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", None) or str(e)
             warnings.warn(f"transferlab: could not build the C kernel {name!r} ({detail.strip()[:300]}); "
-                          "using the PyTorch path (set TRANSFERLAB_NATIVE=0 to skip the attempt)", stacklevel=2)
+                          "using the PyTorch path (set TRANSFERLAB_NATIVE_CACHE to a writable folder if the cache is "
+                          "the problem, or TRANSFERLAB_NATIVE=0 to skip the attempt)", stacklevel=2)
             return None
     try:
         return ctypes.CDLL(str(out))  # ctypes releases the GIL during the call

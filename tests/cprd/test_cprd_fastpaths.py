@@ -17,6 +17,11 @@ def masked_topk(x, k, blocked):
     return (x if blocked is None else x.masked_fill(blocked, float("-inf"))).topk(k, dim=1)
 
 
+def _require_kernels():
+    if not kernels.available():
+        pytest.skip("no C compiler: the C kernels are not built")
+
+
 @pytest.fixture(params=["native", "torch"])
 def count_fast(request, monkeypatch):
     """Counts how often the fast path under test answered (so a test cannot pass on the fallback alone).
@@ -25,8 +30,7 @@ def count_fast(request, monkeypatch):
     """
     calls = {"fast": 0, "fallback": 0}
     if request.param == "native":
-        if not kernels.available():
-            pytest.skip("no C compiler: the C kernel is not built")
+        _require_kernels()
         real, name = kernels.topk_rows_native, "topk_rows_native"
     else:
         monkeypatch.setattr(L, "topk_rows_native", lambda *a: None)
@@ -74,8 +78,7 @@ def test_topk_rows_nan_and_inf_rows(native, monkeypatch):
 
 
 def test_native_topk_declines_what_it_cannot_rank():
-    if not kernels.available():
-        pytest.skip("no C compiler: the C kernel is not built")
+    _require_kernels()
     g = torch.Generator().manual_seed(13)
     x = torch.randn(32, 512, generator=g)
     x[5, :500] = float("-inf")  # -inf entries are ranked like topk ranks them
@@ -107,8 +110,8 @@ def test_mining_with_several_positives_matches_masked_topk():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_teacher_order_is_stable_under_ties(native, monkeypatch):
-    if native and not kernels.available():
-        pytest.skip("no C compiler: the C kernel is not built")
+    if native:
+        _require_kernels()
     if not native:
         monkeypatch.setattr(L, "argsort_rows_desc_native", lambda t: None)
     torch.manual_seed(12)
@@ -236,8 +239,7 @@ def test_symmetric_infonce_inverts_a_permutation_of_positives():
 
 
 def test_native_argsort_matches_stable_sort_and_declines_nan():
-    if not kernels.available():
-        pytest.skip("no C compiler: the C kernel is not built")
+    _require_kernels()
     g = torch.Generator().manual_seed(14)
     for k in (1, 2, 5, 16, 17, 64):  # 17: padding to the next power of two
         t = torch.randn(100, k, generator=g).round()  # many ties

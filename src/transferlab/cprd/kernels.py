@@ -71,21 +71,21 @@ static inline void put(float *restrict v, i64 *restrict id, i64 m, i64 k, float 
 }
 
 /* per row r: the largest tested t with at least kk of its w group maxima >= t, by bisection between
-   the row's smallest and largest maximum. gm[j * ld + r] holds maximum j of row r; the loops run over
+   the row's smallest and largest maximum. gm[j * rows + r] holds maximum j of row r; the loops run over
    rows innermost, so they vectorise for any number of rows. */
-static void thresholds(const float *restrict gm, i64 rows, i64 ld, i64 w, i64 kk, float *restrict lo,
+static void thresholds(const float *restrict gm, i64 rows, i64 w, i64 kk, float *restrict lo,
                        float *restrict hi, float *restrict mid, int32_t *restrict cnt) {
     for (i64 r = 0; r < rows; r++) lo[r] = hi[r] = gm[r];
     for (i64 j = 1; j < w; j++)
         for (i64 r = 0; r < rows; r++) {
-            float x = gm[j * ld + r];
+            float x = gm[j * rows + r];
             lo[r] = x < lo[r] ? x : lo[r]; hi[r] = x > hi[r] ? x : hi[r];
         }
     for (i64 r = 0; r < rows; r++) if (!(hi[r] - lo[r] < 3.0e38f)) hi[r] = lo[r];  /* infinities: keep lo */
     for (int s = 0; s < STEPS; s++) {
         for (i64 r = 0; r < rows; r++) { cnt[r] = 0; mid[r] = lo[r] + (hi[r] - lo[r]) * 0.5f; }
         for (i64 j = 0; j < w; j++)
-            for (i64 r = 0; r < rows; r++) cnt[r] += gm[j * ld + r] >= mid[r];
+            for (i64 r = 0; r < rows; r++) cnt[r] += gm[j * rows + r] >= mid[r];
         for (i64 r = 0; r < rows; r++) {
             if (cnt[r] >= kk) lo[r] = mid[r]; else hi[r] = mid[r];
         }
@@ -101,16 +101,16 @@ int tl_topk_rows(const float *restrict x, i64 rows, i64 cols, i64 rs, i64 cs,
                  float *restrict vals, i64 *restrict idx) {
     i64 w = cols / g;
     float *gm = malloc(sizeof(float) * w * rows), *tau = malloc(sizeof(float) * rows);
-    float *hi = malloc(sizeof(float) * (rows > w ? rows : w)), *mid = malloc(sizeof(float) * rows);
+    float *hi = malloc(sizeof(float) * rows), *mid = malloc(sizeof(float) * rows), *row = malloc(sizeof(float) * w);
     int32_t *cnt = malloc(sizeof(int32_t) * rows);
     i64 *n = calloc((size_t)rows, sizeof(i64));
     int status = 0, nan = 0;
-    if (!gm || !tau || !hi || !mid || !cnt || !n) { status = 3; goto done; }
+    if (!gm || !tau || !hi || !mid || !row || !cnt || !n) { status = 3; goto done; }
     /* 1. group maxima gm[j][r] = max_a x[r, a * w + j], read in memory order; a NaN anywhere is flagged
        (comparisons would skip it) */
     if (cs == 1) {
         for (i64 r = 0; r < rows; r++) {
-            const float *xr = x + r * rs; float *row = hi;  /* hi: scratch of >= w floats until step 2 */
+            const float *xr = x + r * rs;
             for (i64 j = 0; j < w; j++) { row[j] = xr[j]; nan |= xr[j] != xr[j]; }
             for (i64 a = 1; a < g; a++) {
                 const float *s = xr + a * w;
@@ -130,7 +130,7 @@ int tl_topk_rows(const float *restrict x, i64 rows, i64 cols, i64 rs, i64 cs,
     }
     if (nan) { status = 1; goto done; }
     /* 2. a safe bound per row */
-    thresholds(gm, rows, rows, w, kk, tau, hi, mid, cnt);
+    thresholds(gm, rows, w, kk, tau, hi, mid, cnt);
     /* 3. scan: only entries >= the bar reach the list; the bar rises to the list's last once it is full */
     if (cs == 1) {
         for (i64 r = 0; r < rows; r++) {
@@ -167,7 +167,7 @@ int tl_topk_rows(const float *restrict x, i64 rows, i64 cols, i64 rs, i64 cs,
     }
     for (i64 r = 0; r < rows; r++) if (n[r] < k) { status = 2; break; }
 done:
-    free(gm); free(tau); free(hi); free(mid); free(cnt); free(n);
+    free(gm); free(tau); free(hi); free(mid); free(row); free(cnt); free(n);
     return status;
 }
 

@@ -58,3 +58,44 @@ def test_config_hash_ignores_seeds_and_arms_but_not_values():
     assert config_hash(Cfg()) == config_hash(Cfg(seeds=9))
     assert config_hash(Cfg()) == config_hash(Cfg(arms=("b",)))
     assert config_hash(Cfg()) != config_hash(Cfg(lr=0.5))
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    top_k: int = field(2, "experts per token")
+    num_experts: int = field(8, "experts")
+
+    def __post_init__(self):
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    arms: tuple[str, ...] = field(("a",), "arms")
+    seeds: int = field(1, "seeds")
+    method: Inner = field(Inner(), "the method's config")
+
+
+def test_overrides_are_applied_in_one_step_in_any_order():
+    # top_k=16 alone is invalid for num_experts=8; together with num_experts=32 it is valid in either order
+    for items in (["method.top_k=16", "method.num_experts=32"], ["method.num_experts=32", "method.top_k=16"]):
+        cfg = apply_overrides(Outer(), items)
+        assert cfg.method == Inner(top_k=16, num_experts=32)
+    with pytest.raises(UserError, match="exceeds num_experts"):
+        apply_overrides(Outer(), ["method.top_k=16"])
+
+
+def test_flat_alias_reaches_the_nested_config():
+    assert apply_overrides(Outer(), ["top_k=4"]).method.top_k == 4
+    with pytest.raises(UserError, match="unknown config key 'topk'"):
+        apply_overrides(Outer(), ["topk=4"])
+
+
+def test_cuber_split_overrides_are_order_independent():
+    from transferlab.core.registry import get_experiment
+
+    exp = get_experiment("cuber-split-fmnist")
+    a = exp.make_config("quick", ["n_tasks=2", "classes_per_task=5"])
+    b = exp.make_config("quick", ["classes_per_task=5", "n_tasks=2"])
+    assert a == b and (a.n_tasks, a.classes_per_task) == (2, 5)

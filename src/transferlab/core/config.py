@@ -24,7 +24,7 @@ def field(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - mirrors arg
 
 
 def config_help(cls) -> list[tuple[str, str, Any]]:
-    """(name, help, default) of every field, for `transferlab list --verbose` and docs."""
+    """(name, help, default) of every field, for docs and `transferlab show NAME`."""
     return [(f.name, f.metadata.get("help", ""), f.default) for f in dataclasses.fields(cls)]
 
 
@@ -69,50 +69,97 @@ def _coerce(value: str, annotation, key: str):
     raise UserError(f"--set {key}: fields of type {annotation} cannot be set from the command line")
 
 
-def apply_overrides(cfg, overrides: dict[str, Any] | list[str]):
-    """Return a copy of `cfg` with overrides applied.
+def parse_overrides(overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """A dict of overrides; "key=value" strings keep their value as text, to be parsed by field type."""
+    if not isinstance(overrides, list):
+        return dict(overrides)
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        parsed[k.strip()] = _StrValue(v.strip())
+    return parsed
 
-    `overrides` is a dict of already-typed values, or a list of "key=value" strings
-    (strings are parsed into each field's type). Dotted keys reach nested configs.
+
+def apply_overrides(cfg, overrides: dict[str, Any] | list[str]):
+    """Return a copy of `cfg` with all overrides applied in one step.
+
+    `overrides` is a dict of already-typed values, or a list of "key=value" strings (strings are
+    parsed into each field's type). Dotted keys reach nested configs (`method.top_k=2`); a key that
+    is not a field of `cfg` but of exactly one nested config is routed there (`top_k=2`).
+
+    Why one step: a config validates itself in `__post_init__`, and fields often constrain each
+    other (`n_tasks * classes_per_task <= 10`). Applying keys one at a time would validate half-applied
+    configs, so the result would depend on the order of the `--set` flags.
     """
-    if isinstance(overrides, list):
-        parsed: dict[str, Any] = {}
-        for item in overrides:
-            if "=" not in item:
-                raise UserError(f"--set expects key=value, got {item!r}")
-            k, v = item.split("=", 1)
-            parsed[k.strip()] = _StrValue(v.strip())
-        overrides = parsed
-    for key, value in overrides.items():
-        cfg = _set_one(cfg, key.split("."), value, key)
-    return cfg
+    tree: dict = {}
+    for key, value in parse_overrides(overrides).items():
+        path = _resolve_path(cfg, key.split("."), key)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"config key {key!r} conflicts with another override of {part!r}")
+        if isinstance(node.get(path[-1]), dict):
+            raise UserError(f"config key {key!r} conflicts with overrides of its sub-keys")
+        node[path[-1]] = _Leaf(value, key)
+    return _rebuild(cfg, tree)
 
 
 class _StrValue(str):
     """Marks a value that still needs parsing into the field's type."""
 
 
-def _set_one(cfg, path: list[str], value, full_key: str):
-    hints = typing.get_type_hints(type(cfg))
+@dataclasses.dataclass
+class _Leaf:
+    value: Any
+    key: str
+
+
+def _nested_fields(cfg) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+
+
+def _resolve_path(cfg, path: list[str], full_key: str) -> list[str]:
+    """The field path a key names, following a flat alias into the one nested config that has it."""
     names = {f.name for f in dataclasses.fields(cfg)}
     head = path[0]
     if head not in names:
+        owners = [n for n in _nested_fields(cfg) if head in {f.name for f in dataclasses.fields(getattr(cfg, n))}]
+        if len(owners) == 1:
+            return [owners[0], *_resolve_path(getattr(cfg, owners[0]), path, full_key)]
+        hint = f" (it is a field of {', '.join(owners)}: write {owners[0]}.{full_key})" if owners else ""
         raise UserError(
-            f"unknown config key {full_key!r} for {type(cfg).__name__}; valid keys: {', '.join(sorted(names))}"
+            f"unknown config key {full_key!r} for {type(cfg).__name__}{hint}; valid keys: {', '.join(sorted(names))}"
         )
-    if len(path) > 1:
-        child = getattr(cfg, head)
-        if not dataclasses.is_dataclass(child):
-            raise UserError(f"config key {full_key!r}: {head!r} has no sub-keys")
-        return dataclasses.replace(cfg, **{head: _set_one(child, path[1:], value, full_key)})
-    if isinstance(value, _StrValue):
-        value = _coerce(str(value), hints[head], full_key)
-    elif isinstance(value, list):
-        value = tuple(value)
+    if len(path) == 1:
+        return path
+    child = getattr(cfg, head)
+    if not dataclasses.is_dataclass(child):
+        raise UserError(f"config key {full_key!r}: {head!r} has no sub-keys")
+    return [head, *_resolve_path(child, path[1:], full_key)]
+
+
+def _rebuild(cfg, tree: dict):
+    """Apply a tree of changes: children first, then one `replace` (one validation) per level."""
+    hints = typing.get_type_hints(type(cfg))
+    changes = {}
+    for name, sub in tree.items():
+        if isinstance(sub, dict):
+            changes[name] = _rebuild(getattr(cfg, name), sub)
+            continue
+        value = sub.value
+        if isinstance(value, _StrValue):
+            value = _coerce(str(value), hints[name], sub.key)
+        elif isinstance(value, list):
+            value = tuple(value)
+        changes[name] = value
     try:
-        return dataclasses.replace(cfg, **{head: value})
+        return dataclasses.replace(cfg, **changes)
     except (TypeError, ValueError) as e:
-        raise UserError(f"invalid value for {full_key!r}: {e}") from None
+        keys = ", ".join(sorted(changes))
+        raise UserError(f"invalid value for {keys} of {type(cfg).__name__}: {e}") from None
 
 
 def to_dict(cfg) -> dict:

@@ -53,12 +53,15 @@ class Experiment:
     def primary_metric(self) -> str:
         return self.metrics[0]
 
-    def make_config(self, profile: str = "quick"):
+    def make_config(self, profile: str = "quick", overrides: list[str] | dict | None = None):
+        """The profile's config with the user's overrides on top, applied and validated in one step."""
         if profile not in self.profiles:
             raise UserError(f"experiment {self.name!r} has no profile {profile!r}; choose from {sorted(self.profiles)}")
-        from .config import apply_overrides
+        from .config import apply_overrides, parse_overrides
 
-        return apply_overrides(self.config(), dict(self.profiles[profile]))
+        merged = dict(self.profiles[profile])
+        merged.update(parse_overrides(overrides or {}))
+        return apply_overrides(self.config(), merged)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .config import apply_overrides, config_hash, to_dict
+from .config import config_hash, to_dict
 from .engine import Engine
 from .errors import UserError
 from .io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
@@ -58,9 +58,7 @@ def versions() -> dict:
 
 
 def resolve_config(exp: Experiment, profile: str, overrides: list[str] | dict | None, seeds: int | None):
-    cfg = exp.make_config(profile)
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
+    cfg = exp.make_config(profile, overrides)
     if seeds is not None:
         if seeds < 1:
             raise UserError(f"--seeds must be at least 1, got {seeds}")

@@ -42,7 +42,7 @@ def test_quick_experiment_runs_end_to_end_and_resumes(tmp_path):
     import transferlab.core.registry as registry
     import transferlab.metadmoe.experiments  # noqa: F401  (registers the experiments)
     from transferlab.core.engine import Engine
-    from transferlab.core.results import run_experiment
+    from transferlab.core.runner import run_experiment
 
     registry._loaded = True  # only this package's experiments are needed here
     over = {"held_out": (5,), "n_train": 140, "n_val": 64, "n_test": 128, "student_epochs": 1, "expert_epochs": 1,

@@ -31,6 +31,16 @@ class MetaDMoEConfig:
                                      "exactly zero meta-gradient (paper: second order)")
     mask_own_expert: bool = field(True, "drop the expert of the episode's own domain from the teacher "
                                         "during meta-training (paper: True; 'w/o mask' ablation: False)")
+    train_mode: Literal["eval", "train"] = field(
+        "eval", "mode of student (features + head) and aggregator in meta-training and in the test-time step: "
+                "'eval' = BN running statistics frozen, aggregator dropout off (official train_epoch/eval); "
+                "'train' = BN normalises with the batch and meta-training updates its running statistics")
+    expert_bn: Literal["eval", "batch"] = field(
+        "eval", "BatchNorm of the frozen experts in the test-time step: 'eval' = their running statistics "
+                "(as in meta-training); 'batch' = the support batch's statistics, which is what the official "
+                "test code does (it never puts the experts in eval mode); running statistics are kept")
+    log_every: int = field(25, "meta-training curve: mean query loss before/after the inner step per block of "
+                               "this many episodes (the official code logs it per iteration)")
     teacher: Literal["aggregator", "average"] = field(
         "aggregator", "teacher feature: transformer aggregator (paper) or plain average of expert features "
                       "(ablation; no aggregator is learned)")
@@ -64,7 +74,7 @@ class MetaDMoEConfig:
             "student_epochs": self.student_epochs >= 0, "meta_epochs": self.meta_epochs >= 0,
             "episodes_per_epoch": self.episodes_per_epoch >= 1, "support_size": self.support_size >= 1,
             "query_size": self.query_size >= 1, "batch_size": self.batch_size >= 1,
-            "lr_decay": 0 < self.lr_decay <= 1,
+            "lr_decay": 0 < self.lr_decay <= 1, "log_every": self.log_every >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -72,5 +82,9 @@ class MetaDMoEConfig:
                             "(learning rates and sizes must be positive, epochs >= 0, 0 < lr_decay <= 1)")
         if self.teacher not in ("aggregator", "average"):
             raise UserError(f"MetaDMoEConfig.teacher must be 'aggregator' or 'average', got {self.teacher!r}")
+        if self.train_mode not in ("eval", "train"):
+            raise UserError(f"MetaDMoEConfig.train_mode must be 'eval' or 'train', got {self.train_mode!r}")
+        if self.expert_bn not in ("eval", "batch"):
+            raise UserError(f"MetaDMoEConfig.expert_bn must be 'eval' or 'batch', got {self.expert_bn!r}")
         if self.expert_init not in ("scratch", "student"):
             raise UserError(f"MetaDMoEConfig.expert_init must be 'scratch' or 'student', got {self.expert_init!r}")

@@ -67,19 +67,28 @@ def call_with(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tenso
     return functional_call(_View(module, logits), {"m." + k: v for k, v in params.items()}, (x,))
 
 
+def buffer_copies(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Clones of a module's buffers: passed to `functional_call` in train mode, BN updates these, not the module."""
+    return {n: b.detach().clone() for n, b in module.named_buffers()}
+
+
 class AdaptedStudent:
     """The student with adapted feature parameters; the stored student is never modified.
 
     `layout` is the `MetaDMoE`'s layout policy (layout.py): it changes speed, not values.
+    `batch_stats=True` (`MetaDMoEConfig.train_mode="train"`) normalises every predicted batch with its
+    own BN statistics, on copies of the running buffers, so the stored ones stay as they are.
     """
 
     def __init__(self, student: nn.Module, params: dict[str, torch.Tensor], input_shape=None,
-                 layout: Layout | None = None):
+                 layout: Layout | None = None, batch_stats: bool = False):
         self.student, self.params, self.input_shape = student, params, input_shape
         self.layout = layout or Layout()
+        self.batch_stats = batch_stats
 
     def _call(self, x: torch.Tensor, logits: bool) -> torch.Tensor:
-        return self.layout.run(lambda xx: call_with(self.student, self.params, xx, logits=logits), x)
+        params = {**self.params, **buffer_copies(self.student)} if self.batch_stats else self.params
+        return self.layout.run(lambda xx: call_with(self.student, params, xx, logits=logits), x)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +98,7 @@ class AdaptedStudent:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         check_batch(x, "x", self.input_shape)
         was = self.student.training
-        self.student.eval()
+        self.student.train(self.batch_stats)
         try:
             return self._call(x, logits=True)
         finally:
@@ -111,12 +120,17 @@ class MetaDMoE(nn.Module):
         channels_last: layout of 4-D image batches in the teacher, `adapt` and `predict` (layout.py):
             None (default) = channels-last on CPU, where NCHW pooling/convolution is several times slower;
             True/False force it on/off. Values are the same up to float rounding; weights are never touched.
+        student_pretrained: the student passed in is already trained (elsewhere), so `train_experts` may
+            copy it (`expert_init="student"`) without `pretrain_student` first. Saved in the state dict.
     """
 
     def __init__(self, experts: Sequence[nn.Module], aggregator: Aggregator | None, student: nn.Module,
                  config: MetaDMoEConfig | None = None, groups: Sequence[int] | None = None,
-                 input_shape: Sequence[int] | None = None, channels_last: bool | None = None):
+                 input_shape: Sequence[int] | None = None, channels_last: bool | None = None,
+                 student_pretrained: bool = False):
         super().__init__()
+        # persistent, so a model restored from a state dict remembers that its student was trained
+        self.register_buffer("student_ready", torch.tensor(bool(student_pretrained)))
         self.config = config or MetaDMoEConfig()
         if len(experts) == 0:
             raise UserError("MetaDMoE needs at least one expert")
@@ -136,6 +150,7 @@ class MetaDMoE(nn.Module):
             raise UserError(f"channels_last must be None (auto), True or False, got {channels_last!r}")
         self.layout = Layout(channels_last)
         self.history: list[dict] = []
+        self.curve: list[dict] = []  # meta-training query loss before/after the step, per `log_every` episodes
 
     @property
     def device(self) -> torch.device:
@@ -143,26 +158,37 @@ class MetaDMoE(nn.Module):
 
     # ---- teacher --------------------------------------------------------------------------------
     @torch.no_grad()
-    def expert_tokens(self, x: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
-        """Frozen experts' features of x as tokens [B, N, D] (or N-1 without expert `exclude`)."""
+    def expert_tokens(self, x: torch.Tensor, exclude: int | None = None, bn: str = "eval") -> torch.Tensor:
+        """Frozen experts' features of x as tokens [B, N, D] (or N-1 without expert `exclude`).
+
+        `bn="batch"` normalises with x's own statistics (experts in train mode); their running
+        statistics are restored afterwards, so the experts stay exactly as they were.
+        """
+        if bn not in ("eval", "batch"):
+            raise UserError(f"expert BN mode must be 'eval' or 'batch', got {bn!r}")
+
         def run(x):  # x is converted once (layout.py) and shared by all experts
             feats = []
             for i, e in enumerate(self.experts):
                 if i == exclude:
                     continue  # dropped, not zeroed: the masked expert cannot influence the teacher at all
                 was = e.training
-                e.eval()
+                saved = buffer_copies(e) if bn == "batch" else None
+                e.train(bn == "batch")
                 try:
                     feats.append(e.features(x))
                 finally:
                     e.train(was)
+                    if saved is not None:
+                        for n, b in e.named_buffers():
+                            b.copy_(saved[n])
             return torch.stack(feats, dim=1)
 
         return self.layout.run(run, x)
 
-    def teacher(self, x: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
+    def teacher(self, x: torch.Tensor, exclude: int | None = None, bn: str = "eval") -> torch.Tensor:
         """Teacher feature [B, D]; gradients flow into the aggregator (not into the experts)."""
-        tokens = self.expert_tokens(x, exclude)
+        tokens = self.expert_tokens(x, exclude, bn)
         if self.config.teacher == "average" or self.aggregator is None:
             return tokens.mean(dim=1)
         return self.aggregator.features(tokens)
@@ -181,7 +207,7 @@ class MetaDMoE(nn.Module):
             raise UserError(f"student features {tuple(feats.shape)} and teacher feature {tuple(target.shape)} "
                             "differ; experts and student must share the feature size D")
         loss = F.mse_loss(feats, target)
-        names = [n for n, p in params.items() if p.requires_grad]
+        names = [n for n, p in params.items() if p.requires_grad and p.is_floating_point()]
         grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True)
         new = dict(params)
         for n, g in zip(names, grads):
@@ -195,31 +221,38 @@ class MetaDMoE(nn.Module):
             raise UserError(f"{name} is on {x.device} but the model is on {self.device}; move it with .to()")
 
     def adapt(self, unlabeled_x: torch.Tensor, steps: int | None = None, lr: float | None = None,
-              exclude_expert: int | None = None) -> AdaptedStudent:
+              exclude_expert: int | None = None, target: torch.Tensor | None = None) -> AdaptedStudent:
         """Adapt the student to one unlabeled target batch (test time, all experts, no labels).
 
         Returns an `AdaptedStudent`; the stored student, experts and aggregator are left unchanged,
         so each target domain starts from the meta-learned weights. `exclude_expert` drops one expert
-        from the teacher, for validating on a source domain as if it were unseen.
+        from the teacher, for validating on a source domain as if it were unseen. `target` [B, D]
+        replaces the teacher feature (e.g. an oracle: features of a model trained on the target).
+        The student runs in `config.train_mode`, the experts' BN in `config.expert_bn`.
         """
         self._check(unlabeled_x, "unlabeled_x")
         steps = self.config.inner_steps if steps is None else steps
         lr = self.config.inner_lr if lr is None else lr
         if steps < 1 or not lr > 0:
             raise UserError(f"adapt needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+        if target is not None and (not isinstance(target, torch.Tensor) or target.shape[0] != unlabeled_x.shape[0]):
+            raise UserError("target must be a [B, D] tensor with one feature per image of unlabeled_x")
+        batch_stats = self.config.train_mode == "train"
         modes = [(m, m.training) for m in (self.student, self.aggregator) if m is not None]
         for m, _ in modes:
-            m.eval()  # BN running statistics and aggregator dropout stay fixed (official: eval mode)
+            m.eval()  # aggregator dropout off; the student's BN mode is set below
+        self.student.train(batch_stats)
 
         def run(x):  # pure: reads the stored weights, never writes them (so layout.run may repeat it)
             with torch.no_grad():
-                target = self.teacher(x, exclude_expert)
+                t = self.teacher(x, exclude_expert, self.config.expert_bn) if target is None else target
             # detached aliases, not copies: the step builds new tensors, the stored weights are never written
             params = {n: p.detach().requires_grad_(True) for n, p in self.student.named_parameters()}
+            bufs = buffer_copies(self.student) if batch_stats else {}  # train-mode BN writes the copies
             with torch.enable_grad():
                 for _ in range(steps):  # first order is exact here: nothing differentiates through the step
-                    params, _ = self.inner_step(params, x, target, lr, create_graph=False)
-                    params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+                    params, _ = self.inner_step({**params, **bufs}, x, t, lr, create_graph=False)
+                    params = {n: p.detach().requires_grad_(True) for n, p in params.items() if n not in bufs}
             return params
 
         try:
@@ -228,7 +261,7 @@ class MetaDMoE(nn.Module):
             for m, was in modes:
                 m.train(was)
         return AdaptedStudent(self.student, {n: p.detach() for n, p in params.items()}, self.input_shape,
-                              self.layout)
+                              self.layout, batch_stats=batch_stats)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, adapted: AdaptedStudent | None = None) -> torch.Tensor:
@@ -255,9 +288,10 @@ class MetaDMoE(nn.Module):
         exclude = self.expert_of(domain) if cfg.mask_own_expert else None
         if exclude is not None and len(self.experts) < 2:
             raise UserError("mask_own_expert needs at least two experts (one is masked in every episode)")
-        self.student.eval()  # official: BN in eval mode throughout meta-training
+        # official: eval mode throughout (BN running statistics frozen, aggregator dropout off)
+        self.student.train(cfg.train_mode == "train")
         if self.aggregator is not None:
-            self.aggregator.eval()
+            self.aggregator.train(cfg.train_mode == "train")
         with torch.set_grad_enabled(not cfg.first_order):  # first order: the aggregator gets no gradient
             target = self.teacher(support_x, exclude)
         params = dict(self.student.named_parameters())
@@ -326,6 +360,7 @@ class MetaDMoE(nn.Module):
         self._fit(s.parameters(), loss, len(x), self.config.student_epochs, self.config.student_lr, seed, progress,
                   "student epoch")
         s.eval()
+        self.student_ready.fill_(True)
         return self
 
     def train_experts(self, domains: Sequence[Domain], seed: int = 0, progress=None) -> MetaDMoE:
@@ -333,6 +368,11 @@ class MetaDMoE(nn.Module):
 
         With `config.expert_init == "student"` each expert starts from the student's current weights.
         """
+        if self.config.expert_init == "student" and not bool(self.student_ready):
+            raise UserError("train_experts starts every expert from the student (expert_init='student'), but the "
+                            "student is untrained: call pretrain_student(domains) first, pass "
+                            "MetaDMoE(..., student_pretrained=True) for a student trained elsewhere, or set "
+                            "MetaDMoEConfig(expert_init='scratch')")
         domains = self._domains(domains)
         if len(domains) != len(self.groups):
             raise UserError(f"got {len(domains)} source domains but groups cover {len(self.groups)}; "
@@ -425,6 +465,10 @@ class MetaDMoE(nn.Module):
                                                              if progress else eps)]
             summary = {"epoch": epoch + 1, **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}}
             self.history.append(summary)
+            for i in range(0, len(rows), cfg.log_every):
+                block = rows[i: i + cfg.log_every]
+                self.curve.append({"episode": epoch * cfg.episodes_per_epoch + i + len(block),
+                                   **{k: sum(r[k] for r in block) / len(block) for k in block[0]}})
             for o in optimizers:
                 for group in o.param_groups:
                     group["lr"] *= cfg.lr_decay

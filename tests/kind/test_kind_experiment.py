@@ -2,9 +2,10 @@
 
 import json
 
+import torch
+
 from transferlab.core.engine import Engine
-from transferlab.core.registry import get_experiment
-from transferlab.core.results import run_experiment
+from transferlab.core.runner import run_experiment
 from transferlab.kind.experiments import build_arm
 from transferlab.nn.diffusion import Diffusion
 
@@ -49,17 +50,14 @@ def test_few_shot_and_all_images_share_the_pretrained_models(tmp_path, monkeypat
 
 
 def test_arms_train_what_they_claim(tmp_path):
-    cfg = get_experiment("kind-fmnist").make_config("quick")
-    from dataclasses import replace
-
     from transferlab.kind.experiments import _load_data
 
-    cfg = replace(cfg, **{k: v for k, v in TINY.items()})
+    cfg = _tiny_cfg()
     engine = Engine("cpu", threads=1)
     engine.run_dir = tmp_path / "run"
     data = _load_data(cfg, 0)
     trainable = {}
-    for arm in ("scratch", "full_finetune", "svdiff", "kind"):
+    for arm in ("scratch", "full_finetune", "svdiff", "kind", "kind_svd", "gated_lora"):
         model, _ = build_arm(cfg, arm, 0, engine, Diffusion(cfg.timesteps), data)
         trainable[arm] = {n for n, p in model.named_parameters() if p.requires_grad}
     all_params = {n for n, _ in build_arm(cfg, "full_finetune", 0, engine, Diffusion(), data)[0].named_parameters()}
@@ -67,6 +65,8 @@ def test_arms_train_what_they_claim(tmp_path):
     assert all(n.endswith("delta") or "y_embed" in n or "final_layer" in n for n in trainable["svdiff"])
     assert not any(n.endswith(("U_g", "s_g", "V_g")) for n in trainable["kind"])
     assert any(n.endswith("U_t") for n in trainable["kind"])
+    assert trainable["kind_svd"] == trainable["kind"]  # same transfer structure, other pre-training
+    assert all(n.endswith((".A", ".B")) or "y_embed" in n or "final_layer" in n for n in trainable["gated_lora"])
 
 
 def test_notes_separate_recognisable_from_close_to_real(tmp_path):
@@ -84,3 +84,64 @@ def test_notes_separate_recognisable_from_close_to_real(tmp_path):
     assert "recognisable as their class, but far from real images" in notes["lora"]
     assert "NOT yet meaningful" in notes["scratch"]
     assert "6000 pre-training and 1500 transfer steps" in (tmp_path / "notes.md").read_text()
+
+
+def _tiny_cfg(**over):
+    from transferlab.kind.experiments import _QUICK, KindFmnistConfig
+
+    return KindFmnistConfig(**{**_QUICK, **TINY, **over})
+
+
+def test_every_arm_gets_its_learning_rate_per_parameter_group(tmp_path):
+    """SVDiff's spectral shift gets svdiff_lr_mult, KIND's singular values sigma_lr_mult, the rest the base lr."""
+    from transferlab.kind.experiments import ARMS, _load_data
+    from transferlab.kind.model import kind_param_groups
+
+    cfg = _tiny_cfg(svdiff_lr_mult=10.0, sigma_lr_mult=3.0)
+    engine = Engine("cpu", threads=1)
+    engine.run_dir = tmp_path / "run"
+    data = _load_data(cfg, 0)
+    base = 1e-3
+    for arm in ARMS:
+        model, mult = build_arm(cfg, arm, 0, engine, Diffusion(cfg.timesteps), data)
+        groups = kind_param_groups(model, base, mult)
+        lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        assert len(lr_of) == sum(len(g["params"]) for g in groups) == len(trainable), arm
+        for n, p in trainable:
+            if arm == "svdiff" and n.endswith(".delta"):
+                want = base * 10.0
+            elif arm in ("kind", "kind_nogate", "kind_svd") and n.endswith((".s_t", ".s_g")):
+                want = base * 3.0
+            else:
+                want = base
+            assert lr_of[id(p)] == want, (arm, n, lr_of[id(p)], want)
+        if arm == "svdiff":
+            assert any(n.endswith(".delta") for n, _ in trainable)
+
+
+def test_no_gate_pretraining_never_trains_learngenes_alone():
+    """Without a gate the null (label-dropped) samples use every tailor too: no diversion at all."""
+    from transferlab.kind import ClassGate
+
+    gate = ClassGate(6, 8, gate=False)
+    assert torch.equal(gate.mask(torch.arange(7)), torch.ones(7, 8))
+    gated = ClassGate(6, 8)
+    assert gated.mask(torch.tensor([6])).sum() == 0  # with the gate the null label is learngenes-only
+
+
+def test_no_gate_transfer_keeps_the_largest_sigma_components_as_learngenes():
+    from transferlab.kind import KindConfig, convert, transfer
+    from transferlab.nn.dit import DiT
+
+    torch.manual_seed(0)
+    model = convert(DiT(image_size=8, patch=4, width=16, depth=1, heads=2, num_classes=3),
+                    KindConfig(n_learngene=4, n_tailor=4, gate=False))
+    layer = model.blocks[0].mlp.fc1
+    with torch.no_grad():
+        layer.s_g.copy_(torch.tensor([0.1, 5.0, 0.2, 0.3]))
+        layer.s_t.copy_(torch.tensor([4.0, -6.0, 0.05, 3.0]))
+    keep = torch.cat([layer.U_g, layer.U_t], 1)[:, [5, 1, 4, 7]].clone()
+    transfer(model, 2, learngenes="top_sigma", gate=True)
+    assert torch.equal(layer.s_g, torch.tensor([-6.0, 5.0, 4.0, 3.0]))
+    assert torch.equal(layer.U_g, keep)

@@ -4,6 +4,9 @@ Both wrap a frozen `nn.Linear` (the same projections KIND decomposes) and add fe
 
 - LoRA (Hu et al. 2021): W x + (alpha / r) B A x, A random, B = 0, so training starts at the
   pre-trained model.
+- class-gated LoRA (a control for KIND, not a published method): LoRA whose rank components are
+  switched per class by KIND's `ClassGate` (the null label gets none), i.e. KIND's transfer
+  structure on a dense pre-trained model.
 - SVDiff (Han et al. 2023, "spectral shift"): W = U diag(relu(sigma + delta)) V^T with U, sigma, V
   the frozen SVD of the pre-trained weight and only delta (one number per singular value) trained.
 """
@@ -16,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import SUFFIX_ROLES, _set_module
+from ..core.errors import UserError
+from .gate import ClassGate
+from .layer import GateContext
+from .model import SUFFIX_ROLES, _num_classes, _set_module
 
 ALL_ROLES = ("qkv", "q", "k", "v", "o", "fc1", "fc2")
 
@@ -37,6 +43,25 @@ class LoRALinear(nn.Module):
         return self.base(x) + F.linear(F.linear(x, self.A), self.B) * self.scaling
 
 
+class GatedLoRALinear(LoRALinear):
+    """LoRA whose rank components are masked per sample by a `GateContext` (set by a `ClassGate` hook).
+
+    y = W x + (alpha / r) B diag(m) A x with m the sample's {0,1}^r gate row; no context = all on.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, ctx: GateContext, alpha: float | None = None):
+        super().__init__(base, rank, alpha)
+        self.ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.A)
+        masks = self.ctx.masks
+        if masks is not None:
+            m = masks[self.ctx.inverse].to(h.dtype)  # (B, r)
+            h = h * m.view(x.shape[0], *([1] * (x.dim() - 2)), -1)
+        return self.base(x) + F.linear(h, self.B) * self.scaling
+
+
 class SVDiffLinear(nn.Module):
     def __init__(self, base: nn.Linear):
         super().__init__()
@@ -48,6 +73,10 @@ class SVDiffLinear(nn.Module):
         self.register_buffer("Vh", Vh.to(dt))
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
         self.delta = nn.Parameter(torch.zeros_like(self.S))
+
+    def sigma_parameters(self):
+        """The spectral shift: the parameter SVDiff's larger learning rate applies to."""
+        return [self.delta]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = (self.U * F.relu(self.S + self.delta)) @ self.Vh
@@ -68,6 +97,22 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None) -> nn.Mo
     """Wrap every DiT projection (fused qkv as one layer) in LoRA, in place; base weights are frozen."""
     for n, m in _targets(model):
         _set_module(model, n, LoRALinear(m, rank, alpha))
+    return model
+
+
+def apply_gated_lora(model: nn.Module, rank: int, k_active: int | None = None, assignment: str = "block",
+                     seed: int = 0, alpha: float | None = None, num_classes: int | None = None) -> nn.Module:
+    """Class-gated LoRA on every DiT projection, in place: a `ClassGate` over the `rank` components
+    (k_active per class, disjoint blocks by default; the null label uses the frozen model alone) is
+    hooked on the model's forward, as `transferlab.kind.convert` does for tailors."""
+    if isinstance(getattr(model, "kind_gate", None), ClassGate):
+        raise UserError("this model already has a class gate (KIND or gated LoRA)")
+    n = _num_classes(model) if num_classes is None else num_classes
+    gate = ClassGate(n, rank, k_active, assignment, seed)
+    for name, m in _targets(model):
+        _set_module(model, name, GatedLoRALinear(m, rank, gate.ctx, alpha))
+    model.kind_gate = gate.to(next(model.parameters()).device)
+    gate.attach(model)
     return model
 
 

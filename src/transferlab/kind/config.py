@@ -30,8 +30,8 @@ class KindConfig:
     assignment: Literal["block", "random"] = field("block", "gate rule: 'block' gives class c the tailors "
                                                    "c*k..c*k+k-1 (disjoint when classes*k <= n_tailor); 'random' "
                                                    "a fixed random k-subset per class [reconstructed]")
-    gate: bool = field(True, "route tailors by class; False switches every tailor on for every class "
-                             "(the 'no gate' ablation)")
+    gate: bool = field(True, "route tailors by class; False switches every tailor on for every label, "
+                             "the null label included (the 'no gate' ablation: no diversion)")
     gate_seed: int = field(0, "seed of the 'random' gate assignment")
     null_class: Literal["learngene_only", "all_tailors"] = field(
         "learngene_only", "what the null (unconditional, CFG) label gets [reconstructed: library choice]")

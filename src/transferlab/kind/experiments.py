@@ -3,10 +3,15 @@ transfer it to the 4 held-out classes, and compare KIND with dense transfer base
 
 Arms (same seeds, same transfer steps, paired by seed):
     kind           KIND pre-trained with the class gate; frozen learngenes + new random tailors (reference)
-    kind_nogate    KIND pre-trained with every tailor on for every class, then the same transfer (ablation:
+    kind_nogate    KIND pre-trained with every tailor on for every label (the null label too), then the
+                   same transfer with the n_learngene components of largest |s| as learngenes (ablation:
                    isolates knowledge *diversion* from the factorisation itself)
+    kind_svd       dense pre-trained model split by SVD (top singular triplets = learngenes), then KIND's
+                   transfer (`init="svd"`: the path of a user with public dense DiT weights)
     full_finetune  dense DiT pre-trained on the same data, every parameter trained
     lora           dense pre-trained + LoRA on q/k/v/o/fc1/fc2 with about KIND's trainable parameters
+    gated_lora     dense pre-trained + LoRA of the same rank whose components are class-gated like KIND's
+                   tailors (KIND's transfer structure without KIND's pre-training)
     svdiff         dense pre-trained + SVDiff-like spectral shift (one number per singular value)
     scratch        dense DiT trained on the target classes only
 
@@ -30,12 +35,13 @@ from ..data import load_fashion_mnist
 from ..nn.diffusion import Diffusion
 from ..nn.dit import DiT
 from . import evaluate as ev
-from .baselines import apply_lora, apply_svdiff, lora_params_per_rank
+from .baselines import apply_gated_lora, apply_lora, apply_svdiff, lora_params_per_rank
 from .config import KindConfig
 from .model import TRAINABLE_GROUPS, convert, fit, kind_stats, transfer
 from .plots import plot_kind
 
-ARMS = ("kind", "kind_nogate", "full_finetune", "lora", "svdiff", "scratch")
+ARMS = ("kind", "kind_nogate", "kind_svd", "full_finetune", "lora", "gated_lora", "svdiff", "scratch")
+KIND_ARMS = ("kind", "kind_nogate", "kind_svd")
 
 
 @dataclass(frozen=True)
@@ -68,22 +74,26 @@ class KindFmnistConfig:
     transfer_steps: int = field(1500, "training steps on the target classes (every arm)")
     lrs: tuple[float, ...] = field((1e-4, 3e-4, 1e-3), "transfer learning rates tried per arm; the best by "
                                                         "FMNIST-FID on the validation images is kept")
+    tailor_init_scales: tuple[float, ...] = field((1.0,), "s of new tailors as multiples of the Xavier-matched "
+                                                          "value, tried (with every lr) by the KIND arms and "
+                                                          "chosen on validation; 0 = start at the learngene-only "
+                                                          "model [reconstructed]")
     svdiff_lr_mult: float = field(10.0, "LR multiplier for SVDiff's singular-value shifts (SVDiff needs a "
                                         "larger LR)")
     sigma_lr_mult: float = field(1.0, "LR multiplier for KIND's singular values s [reconstructed]")
     class_dropout: float = field(0.1, "label dropout for classifier-free guidance (DiT: 0.1)")
-    cfg_scale: float = field(1.0, "classifier-free guidance scale at sampling (1 = off)")
+    cfg_scales: tuple[float, ...] = field((1.0, 2.0), "classifier-free guidance scales at sampling; the first "
+                                                      "(1 = off) gives the headline metrics and picks the lr, "
+                                                      "each further scale g adds metrics named <metric>_g<g>")
     ddim_steps: int = field(50, "DDIM sampling steps")
     samples_per_class: int = field(250, "generated images per target class for the metrics")
     n_learngene: int = field(64, "KIND learngene components per matrix [reconstructed: width/2]")
     n_tailor: int = field(64, "KIND tailor components per matrix [reconstructed: width/2]")
     k_active: int | None = field(None, "tailors on per class (None: n_tailor // classes, disjoint blocks)")
     assignment: str = field("block", "gate rule: block or random [reconstructed]")
-    tailor_init_scale: float = field(1.0, "s of new tailors as a multiple of the Xavier-matched value "
-                                          "[reconstructed]")
     transfer_train: tuple[str, ...] = field(("label_embed", "final_layer"), "dense parts trained in transfer "
                                             "by kind, kind_nogate, lora and svdiff [reconstructed]")
-    lora_rank: int = field(0, "LoRA rank; 0 matches KIND's trainable tailor parameters")
+    lora_rank: int = field(0, "LoRA and gated-LoRA rank; 0 matches KIND's trainable tailor parameters")
     judge_per_class: int = field(6000, "real training images per class for the judge network (all 10 classes)")
     judge_epochs: int = field(3, "judge training epochs")
     knn_k: int = field(3, "k of the k-NN precision/recall")
@@ -101,6 +111,13 @@ class KindFmnistConfig:
                             f"{self.width}; lower them")
         if not self.lrs:
             raise UserError("lrs must list at least one learning rate")
+        if not self.tailor_init_scales or min(self.tailor_init_scales) < 0:
+            raise UserError("tailor_init_scales must list at least one scale, all >= 0")
+        if not self.cfg_scales or min(self.cfg_scales) < 0 or len(set(self.cfg_scales)) < len(self.cfg_scales):
+            raise UserError(f"cfg_scales={self.cfg_scales}: list distinct guidance scales >= 0, the headline first")
+        bad_arms = [a for a in self.arms if a not in ARMS]
+        if bad_arms:
+            raise UserError(f"unknown arm(s) {bad_arms}; choose from {', '.join(ARMS)}")
         if self.samples_per_class <= self.knn_k:
             raise UserError("samples_per_class must exceed knn_k")
         bad = [t for t in self.transfer_train if t not in TRAINABLE_GROUPS]
@@ -145,10 +162,12 @@ def _kind_cfg(cfg: KindFmnistConfig, gate: bool) -> KindConfig:
 PRETRAIN_FIELDS = ("source_classes", "source_per_class", "patch", "width", "depth", "heads", "timesteps",
                    "schedule", "batch_size", "pretrain_steps", "pretrain_lr", "sigma_lr_mult", "class_dropout",
                    "n_learngene", "n_tailor", "k_active", "assignment", "data_path")
+# bumped when pre-training itself changes (2: without a gate the null label uses every tailor too)
+PRETRAIN_FORMAT = 2
 
 
 def _pretrained_file(cfg, engine, family: str, seed: int) -> Path:
-    """<out>/kind-pretrained/<hash of PRETRAIN_FIELDS>/<family>-seed<seed>.pt.
+    """<out>/kind-pretrained/v<PRETRAIN_FORMAT>-<hash of PRETRAIN_FIELDS>/<family>-seed<seed>.pt.
 
     The runner's run folders are <out>/<experiment>/runs/<config hash>/<arm>-seed<seed>; a run folder
     placed elsewhere (a test, a user's own loop) keeps the cache beside itself.
@@ -156,7 +175,7 @@ def _pretrained_file(cfg, engine, family: str, seed: int) -> Path:
     key = config_hash(cfg, exclude=tuple(f.name for f in dataclasses.fields(cfg) if f.name not in PRETRAIN_FIELDS))
     runs = engine.run_dir.parent.parent
     root = runs.parent.parent if runs.name == "runs" else engine.run_dir.parent
-    return root / "kind-pretrained" / key / f"{family}-seed{seed}.pt"
+    return root / "kind-pretrained" / f"v{PRETRAIN_FORMAT}-{key}" / f"{family}-seed{seed}.pt"
 
 
 def _pretrained(cfg, family: str, seed: int, engine, diffusion, data) -> torch.nn.Module:
@@ -196,33 +215,53 @@ def _kind_tailor_params(cfg) -> int:
     return kind_stats(probe)["tailor"]
 
 
-def build_arm(cfg, arm: str, seed: int, engine, diffusion, data) -> tuple[torch.nn.Module, float]:
+def lora_rank(cfg, model) -> int:
+    """LoRA rank of the lora and gated_lora arms: `cfg.lora_rank`, or matched to KIND's tailor parameters."""
+    return cfg.lora_rank or max(1, round(_kind_tailor_params(cfg) / lora_params_per_rank(model)))
+
+
+def build_arm(cfg, arm: str, seed: int, engine, diffusion, data, tailor_init_scale: float = 1.0
+              ) -> tuple[torch.nn.Module, float]:
     """The model ready for transfer training, and its LR multiplier for the singular-value group."""
     n_new = len(cfg.target_classes)
     if arm == "scratch":
         torch.manual_seed(seed * 7 + 3)
         return _dit(cfg, n_new).to(engine.device), 1.0
+    g = torch.Generator().manual_seed(seed * 7 + 5)
     if arm in ("kind", "kind_nogate"):
         model = _pretrained(cfg, arm, seed, engine, diffusion, data)
-        g = torch.Generator().manual_seed(seed * 7 + 5)
-        # the gate is on in transfer for both: the ablation differs only in how pre-training routed
-        transfer(model, n_new, train=cfg.transfer_train, tailor_init_scale=cfg.tailor_init_scale, gate=True,
-                 generator=g)
+        # the gate is on in transfer for both: the ablation differs only in how pre-training routed, and
+        # (its split being arbitrary) keeps the components of largest |s| as learngenes
+        transfer(model, n_new, train=cfg.transfer_train, tailor_init_scale=tailor_init_scale, gate=True,
+                 learngenes="first" if arm == "kind" else "top_sigma", generator=g)
         return model, cfg.sigma_lr_mult
     model = _pretrained(cfg, "dense", seed, engine, diffusion, data)
+    if arm == "kind_svd":
+        convert(model, dataclasses.replace(_kind_cfg(cfg, gate=True), init="svd"))
+        transfer(model, n_new, train=cfg.transfer_train, tailor_init_scale=tailor_init_scale, gate=True,
+                 generator=g)
+        return model, cfg.sigma_lr_mult
     torch.manual_seed(seed * 7 + 6)
     model.reset_classes(n_new)
     if arm == "full_finetune":
         return model, 1.0
     _freeze_except(model, cfg.transfer_train)
     if arm == "lora":
-        rank = cfg.lora_rank or max(1, round(_kind_tailor_params(cfg) / lora_params_per_rank(model)))
-        apply_lora(model, rank)
+        apply_lora(model, lora_rank(cfg, model))
+        return model, 1.0
+    if arm == "gated_lora":
+        apply_gated_lora(model, lora_rank(cfg, model), assignment=cfg.assignment)
         return model, 1.0
     if arm == "svdiff":
         apply_svdiff(model)
         return model, cfg.svdiff_lr_mult
     raise UserError(f"unknown arm {arm!r}")
+
+
+def candidates(cfg, arm: str) -> list[tuple[float, float]]:
+    """The (lr, tailor_init_scale) pairs an arm tries; only the KIND arms have new tailors to scale."""
+    scales = cfg.tailor_init_scales if arm in KIND_ARMS else (1.0,)
+    return [(lr, sc) for sc in scales for lr in cfg.lrs]
 
 
 def _load_data(cfg, seed: int) -> dict:
@@ -246,11 +285,16 @@ def _load_data(cfg, seed: int) -> dict:
     }
 
 
-def _samples(cfg, model, diffusion, per_class: int, seed: int, engine) -> tuple[torch.Tensor, torch.Tensor]:
+def _samples(cfg, model, diffusion, per_class: int, seed: int, engine, cfg_scale: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.arange(len(cfg.target_classes)).repeat_interleave(per_class)
-    x = ev.generate(model, diffusion, labels, steps=cfg.ddim_steps, cfg_scale=cfg.cfg_scale,
+    x = ev.generate(model, diffusion, labels, steps=cfg.ddim_steps, cfg_scale=cfg_scale,
                     null_label=len(cfg.target_classes), seed=seed, device=engine.device)
     return x, torch.tensor(cfg.target_classes)[labels]
+
+
+def _suffix(scale: float, first: bool) -> str:
+    return "" if first else f"_g{scale:g}"
 
 
 def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
@@ -261,10 +305,11 @@ def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
                            cache=engine.run_dir.parent / f"judge-seed{seed}.pt", engine=engine)
     xt, yt = data["target"]
     xt, yt = xt.to(engine.device), yt.to(engine.device)
-    best = None  # (val_fid, lr, state) -- the LR is chosen on validation images, never on the test set
-    for i, lr in enumerate(cfg.lrs):
+    grid_points = candidates(cfg, arm)
+    best = None  # (val_fid, (lr, scale), model, losses) -- chosen on validation images, never on the test set
+    for i, (lr, scale) in enumerate(grid_points):
         done_file = engine.run_dir / f"lr{i}.pt"
-        model, sig_mult = build_arm(cfg, arm, seed, engine, diffusion, data)
+        model, sig_mult = build_arm(cfg, arm, seed, engine, diffusion, data, tailor_init_scale=scale)
         if done_file.exists():
             blob = torch.load(done_file, map_location=engine.device, weights_only=True)
             model.load_state_dict(blob["model"])
@@ -274,19 +319,26 @@ def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
                          lr=lr, sigma_lr_mult=sig_mult, class_dropout=cfg.class_dropout, seed=seed + 100 * i,
                          engine=engine, phase=f"transfer-lr{i}", checkpoint_every=cfg.checkpoint_every)
             val_fid = float("nan")
-            if len(cfg.lrs) > 1:
-                fake, _ = _samples(cfg, model, diffusion, cfg.val_per_class, seed + 50_000, engine)
+            if len(grid_points) > 1:
+                fake, _ = _samples(cfg, model, diffusion, cfg.val_per_class, seed + 50_000, engine, cfg.cfg_scales[0])
                 f_fake, _ = ev.judge_outputs(judge, ev.to_unit(fake))
                 f_val, _ = ev.judge_outputs(judge, data["val01"])
                 val_fid = ev.frechet_distance(f_val, f_fake)
             if engine.is_main:
                 atomic_torch_save({"model": model.state_dict(), "val_fid": val_fid, "losses": losses}, done_file)
         if best is None or val_fid < best[0]:
-            best = (val_fid, lr, model, losses)
-    val_fid, lr, model, losses = best
+            best = (val_fid, (lr, scale), model, losses)
+    val_fid, (lr, scale), model, losses = best
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fake, fake_labels = _samples(cfg, model, diffusion, cfg.samples_per_class, seed + 90_000, engine)
-    metrics = ev.sample_metrics(judge, ev.to_unit(fake), fake_labels, data["test01"], cfg.knn_k)
+    metrics = {}
+    for j, g in enumerate(cfg.cfg_scales):
+        fake, fake_labels = _samples(cfg, model, diffusion, cfg.samples_per_class, seed + 90_000, engine, g)
+        sm = ev.sample_metrics(judge, ev.to_unit(fake), fake_labels, data["test01"], cfg.knn_k)
+        metrics.update({k + _suffix(g, j == 0): v for k, v in sm.items()})
+        if j == 0:  # a small grid (8 per class) at the headline guidance for the report's sample figure
+            grid = ((fake.view(len(cfg.target_classes), cfg.samples_per_class, 28, 28)[:, :8] + 1) * 127.5).round()
+            if engine.is_main:
+                atomic_torch_save(grid.to(torch.uint8), engine.run_dir / "samples.pt")
     f_floor, _ = ev.judge_outputs(judge, data["floor01"])
     f_test, _ = ev.judge_outputs(judge, data["test01"])
     _, judge_pred = ev.judge_outputs(judge, data["test01"])
@@ -297,12 +349,9 @@ def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
         "heldout_mse": ev.heldout_mse(model, diffusion, xte[:1000], yte[:1000], engine.device),
         "trainable_params": float(trainable),
         "mflops": 1000 * ev.gflops_per_sample(model, engine.device, 0),
-        "lr": lr, "val_fid": val_fid, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "lr": lr, "tailor_init_scale": scale, "val_fid": val_fid,
+        "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
     })
-    # a small grid (8 per class) for the report's sample figure
-    grid = ((fake.view(len(cfg.target_classes), cfg.samples_per_class, 28, 28)[:, :8] + 1) * 127.5).round()
-    if engine.is_main:
-        atomic_torch_save(grid.to(torch.uint8), engine.run_dir / "samples.pt")
     return metrics
 
 
@@ -322,13 +371,16 @@ _MEDIUM = {**_SMALL, "seeds": 2, "pretrain_steps": 500, "transfer_steps": 200, "
 # at 8000 (chance 17%; 7% at 500 steps, the medium profile's length) with lr 1e-3 and guidance 2. The
 # probe measured source-class samples only; the target classes' images were not looked at.
 _CPU = {**_SMALL, "seeds": 3, "pretrain_steps": 6000, "pretrain_lr": 1e-3, "transfer_steps": 1500,
-        "lrs": (3e-4, 1e-3), "cfg_scale": 2.0, "ddim_steps": 20, "samples_per_class": 200, "test_per_class": 1000,
+        "lrs": (3e-4, 1e-3), "ddim_steps": 20, "samples_per_class": 200, "test_per_class": 1000,
         "judge_per_class": 2000, "judge_epochs": 2, "checkpoint_every": 500}
+
+# headline (guidance 1) metrics beside the guidance-free heldout_mse, then the guidance-2 table's columns
+METRICS = ("fmnist_fid", "class_acc", "heldout_mse", "precision", "recall", "fid_floor", "fmnist_fid_g2",
+           "class_acc_g2", "precision_g2", "recall_g2", "trainable_params", "mflops")
 
 register_experiment(
     "kind-fmnist", config=KindFmnistConfig, reference="kind",
-    metrics=("fmnist_fid", "class_acc", "precision", "recall", "fid_floor", "heldout_mse", "trainable_params",
-             "mflops"),
+    metrics=METRICS,
     description="KIND: DiT pre-trained on 6 Fashion-MNIST classes, few-shot (100/class) transfer to 4 held-out "
                 "classes; KIND vs full fine-tuning, LoRA, SVDiff, scratch, no-gate ablation",
     profiles={"quick": _QUICK, "medium": _MEDIUM, "cpu": _CPU, "full": _FULL}, plot=plot_kind,
@@ -336,8 +388,7 @@ register_experiment(
 
 register_experiment(
     "kind-fmnist-all", config=KindFmnistConfig, reference="kind",
-    metrics=("fmnist_fid", "class_acc", "precision", "recall", "fid_floor", "heldout_mse", "trainable_params",
-             "mflops"),
+    metrics=METRICS,
     description="KIND on Fashion-MNIST 6 -> 4 classes with every training image of the target classes",
     # the demo runs this regime with one seed only (the few-shot experiment has two), to fit its time budget
     profiles={"quick": {**_QUICK, "seeds": 1, "target_per_class": 1000},

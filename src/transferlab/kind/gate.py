@@ -18,16 +18,24 @@ from .layer import GateContext
 
 def gate_table(num_classes: int, n_tailor: int, k_active: int | None, assignment: str = "block",
                seed: int = 0, gate: bool = True, null_class: str = "learngene_only") -> torch.Tensor:
-    """{0,1} table of shape (num_classes + 1, n_tailor); the last row is the null (CFG) label."""
+    """{0,1} table of shape (num_classes + 1, n_tailor); the last row is the null (CFG) label.
+
+    With `gate=False` every row is all ones (`null_class` does not apply).
+    """
     if num_classes < 1:
         raise UserError(f"the class gate needs at least one class, got {num_classes}")
     k = n_tailor // num_classes if k_active is None else k_active
     if not 0 <= k <= n_tailor:
         raise UserError(f"k_active={k} must be between 0 and n_tailor={n_tailor}")
+    if null_class not in ("learngene_only", "all_tailors"):
+        raise UserError(f"null_class must be 'learngene_only' or 'all_tailors', got {null_class!r}")
     table = torch.zeros(num_classes + 1, n_tailor)
     if not gate:
-        table[:num_classes] = 1.0
-    elif assignment == "block":
+        # no gate at all: every label, the null label included, uses every tailor, so no sample trains
+        # the learngenes alone (no diversion of any kind)
+        table[:] = 1.0
+        return table
+    if assignment == "block":
         for c in range(num_classes):  # wraps around (overlapping blocks) only when classes * k > n_tailor
             table[c, [(c * k + j) % n_tailor for j in range(k)]] = 1.0
     elif assignment == "random":
@@ -38,8 +46,6 @@ def gate_table(num_classes: int, n_tailor: int, k_active: int | None, assignment
         raise UserError(f"gate assignment must be 'block' or 'random', got {assignment!r}")
     if null_class == "all_tailors":
         table[num_classes] = 1.0
-    elif null_class != "learngene_only":
-        raise UserError(f"null_class must be 'learngene_only' or 'all_tailors', got {null_class!r}")
     return table
 
 

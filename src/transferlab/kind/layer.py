@@ -137,6 +137,25 @@ class KindLinear(nn.Module):
     def tailor_parameters(self):
         return [self.U_t, self.s_t, self.V_t]
 
+    def sigma_parameters(self):
+        """The singular values, which optimisers may give their own learning rate (`kind_param_groups`)."""
+        return [self.s_g, self.s_t]
+
+    @torch.no_grad()
+    def select_learngenes_by_sigma(self) -> None:
+        """Make the `n_learngene` components of largest |s| the learngenes (the rest become tailors).
+
+        For a model pre-trained without a gate the split into learngenes and tailors is arbitrary; the
+        components that carry the most of W are the natural ones to keep.
+        """
+        U = torch.cat([self.U_g, self.U_t], 1)
+        s = torch.cat([self.s_g, self.s_t])
+        V = torch.cat([self.V_g, self.V_t], 1)
+        order = torch.argsort(s.abs(), descending=True, stable=True)
+        g, t = order[:self.n_learngene], order[self.n_learngene:]
+        self.U_g.copy_(U[:, g]), self.s_g.copy_(s[g]), self.V_g.copy_(V[:, g])
+        self.U_t.copy_(U[:, t]), self.s_t.copy_(s[t]), self.V_t.copy_(V[:, t])
+
     @torch.no_grad()
     def reset_tailors(self, n_tailor: int | None = None, scale: float = 1.0,
                       generator: torch.Generator | None = None) -> None:

@@ -114,11 +114,16 @@ convert_dit_to_kind = convert
 
 
 def kind_param_groups(model: nn.Module, lr: float, sigma_lr_mult: float = 1.0, weight_decay: float = 0.0):
-    """AdamW groups: singular values (s) get their own LR and no decay (SVDiff found sigma needs a larger LR)."""
+    """AdamW groups: singular values get their own LR and no decay (SVDiff found sigma needs a larger LR).
+
+    Singular values are what a module lists in `sigma_parameters()`: s_g, s_t of `KindLinear`, the
+    spectral shift of the SVDiff baseline.
+    """
+    sigma_ids = {id(p) for m in model.modules() if hasattr(m, "sigma_parameters") for p in m.sigma_parameters()}
     sig, rest = [], []
-    for n, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
-            (sig if n.endswith((".s_g", ".s_t")) else rest).append(p)
+            (sig if id(p) in sigma_ids else rest).append(p)
     groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
     if sig:
         groups.append({"params": sig, "lr": lr * sigma_lr_mult, "weight_decay": 0.0})
@@ -148,8 +153,8 @@ pretrain = fit
 
 def transfer(model: nn.Module, new_classes: int, *, n_tailor: int | None = None, k_active: int | None = None,
              train: tuple[str, ...] = ("label_embed", "final_layer"), train_bias: bool = False,
-             tailor_init_scale: float = 1.0, gate: bool | None = None, generator: torch.Generator | None = None
-             ) -> dict:
+             tailor_init_scale: float = 1.0, gate: bool | None = None, learngenes: str = "first",
+             generator: torch.Generator | None = None) -> dict:
     """Prepare a pre-trained KIND model for `new_classes` classes (in place).
 
     Learngenes are frozen; tailors are replaced by new random ones (trainable) and the gate is rebuilt
@@ -157,7 +162,11 @@ def transfer(model: nn.Module, new_classes: int, *, n_tailor: int | None = None,
     dense parts are frozen except the groups named in `train` (keys of `TRAINABLE_GROUPS`: label_embed,
     final_layer, adaln, time_embed, patch_embed) [reconstructed: the
     paper does not say which dense parts are trained downstream]. `gate=None` keeps the pre-training
-    gate setting (True routes the new tailors by class). Returns a parameter report.
+    gate setting (True routes the new tailors by class). `learngenes="first"` keeps the first
+    n_learngene components (KIND's split); `"top_sigma"` first makes the n_learngene components of
+    largest |s| the learngenes (for a model pre-trained without a gate, where the split is arbitrary).
+    `tailor_init_scale` scales the new tailors' s (0 = the transfer starts at the learngene-only model).
+    Returns a parameter report.
     """
     g = _gate(model)
     unknown = [t for t in train if t not in TRAINABLE_GROUPS]
@@ -165,8 +174,14 @@ def transfer(model: nn.Module, new_classes: int, *, n_tailor: int | None = None,
         raise UserError(f"unknown trainable group(s) {unknown}; choose from {', '.join(TRAINABLE_GROUPS)}")
     if new_classes < 1:
         raise UserError(f"new_classes must be at least 1, got {new_classes}")
+    if learngenes not in ("first", "top_sigma"):
+        raise UserError(f"learngenes must be 'first' or 'top_sigma', got {learngenes!r}")
+    if tailor_init_scale < 0:
+        raise UserError(f"tailor_init_scale must be >= 0, got {tailor_init_scale}")
     layers = kind_layers(model)
     for layer in layers.values():
+        if learngenes == "top_sigma":
+            layer.select_learngenes_by_sigma()
         layer.reset_tailors(n_tailor, scale=tailor_init_scale, generator=generator)
     g.reset(new_classes, n_tailor, k_active=k_active, gate=gate)
     if hasattr(model, "reset_classes"):

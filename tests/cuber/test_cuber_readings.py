@@ -53,7 +53,7 @@ def test_cuber_uses_the_configured_correlation_space():
     with pytest.raises(UserError, match="corr_space"):
         CUBERConfig(corr_space="weights")
     with pytest.raises(UserError, match="scale_regime3"):
-        CUBERConfig(step_rule="share_q", scale_regime3=False)
+        CUBERConfig(rule="share_q", scale_regime3=False)
 
 
 # ---- (b) old task adopts the correlated new task's scaling --------------------------------------
@@ -61,7 +61,7 @@ def test_share_q_gradient_is_exact_and_shared_scaling_lowers_old_loss():
     x, y = task_data(7)
     torch.manual_seed(0)
     model = mlp()
-    strat = CUBER(model, CUBERConfig(thresholds=(0.99,), eps_proj=0.0, eps_corr=-1.0, step_rule="share_q",
+    strat = CUBER(model, CUBERConfig(thresholds=(0.99,), eps_proj=0.0, eps_corr=-1.0, rule="share_q",
                                      step_scale=0.2, grad_samples=120))
     fit(model, strat, [(x, y)], steps=5)  # under-trained task 0
     # the stored dL_0/dQ equals U^T W^T g_0 U for a layer without scalings (g_0 = stored weight gradient)
@@ -98,7 +98,7 @@ def test_share_q_gradient_is_exact_and_shared_scaling_lowers_old_loss():
 def test_share_q_rejects_an_ascent_scaling():
     x, y = task_data(8)
     torch.manual_seed(0)
-    strat = CUBER(mlp(), CUBERConfig(thresholds=(0.99,), eps_proj=0.0, eps_corr=-1.0, step_rule="share_q"))
+    strat = CUBER(mlp(), CUBERConfig(thresholds=(0.99,), eps_proj=0.0, eps_corr=-1.0, rule="share_q"))
     fit(strat.model, strat, [(x, y)], steps=5)
     n, g = "0", strat.q_grads[0]["0"]
     eye = torch.eye(g.shape[0])

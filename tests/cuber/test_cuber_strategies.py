@@ -34,7 +34,7 @@ def test_regimes_from_hand_built_gradients():
     assert r[0] == REGIME_POSITIVE
 
 
-def test_in_subspace_step_rules():
+def test_in_subspace_rules():
     U = basis(6, 2, 1)
     g = torch.randn(3, 6)
     d_free = in_subspace_step(g, U, [], "free", 0.5)
@@ -50,7 +50,7 @@ def test_in_subspace_step_rules():
 def test_task_basis_selects_old_vectors_by_energy():
     M = basis(8, 4, 2).double()
     A = (M[:, :1] * 3.0) @ torch.randn(1, 50, dtype=M.dtype)  # all energy along the first old vector
-    B = task_basis(M, A, 0.9)
+    B, _ = task_basis(M, A, 0.9)
     assert B.shape[1] == 1 and abs((B.T @ M[:, 0]).item()) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -118,7 +118,7 @@ def test_cuber_regime3_moves_inside_old_subspace_and_gpm_does_not():
         torch.manual_seed(0)
         model = mlp()
         cfg = GPMConfig(thresholds=(0.99,)) if cls is GPM else CUBERConfig(thresholds=(0.99,), eps_proj=0.0,
-                                                                             eps_corr=-1.0, step_rule="free")
+                                                                             eps_corr=-1.0, rule="free")
         strat = cls(model, cfg)
         fit(model, strat, [(x, y)], steps=5)  # under-trained task 0
         M = strat.memory.bases["0"].clone()
@@ -154,8 +154,8 @@ def test_ewc_penalty_gradient_pulls_back():
 
 
 def test_cuber_config_validation():
-    with pytest.raises(UserError, match="step_rule"):
-        CUBERConfig(step_rule="sideways")
+    with pytest.raises(UserError, match="rule"):
+        CUBERConfig(rule="sideways")
     with pytest.raises(UserError, match="eps_corr"):
         CUBERConfig(eps_corr=2.0)
     with pytest.raises(UserError, match="one value per layer|protected layers"):
@@ -177,7 +177,7 @@ def test_gpm_beats_finetune_on_a_low_rank_stream():
 
 # ---- experiments (vendored data subset) ---------------------------------------------------------
 def test_rotated_experiment_runs_resumes_and_reports(tmp_path):
-    from transferlab.core.results import run_experiment
+    from transferlab.core.runner import run_experiment
 
     over = {"n_tasks": 3, "n_train": 100, "n_test": 100, "epochs": 1, "arms": ("finetune", "gpm", "cuber")}
     out = run_experiment("cuber-rotated-fmnist", "quick", seeds=1, overrides=over, out=tmp_path)
@@ -222,7 +222,7 @@ def test_killed_run_resumes_with_identical_metrics(tmp_path, monkeypatch):
 
 
 def test_split_experiment_multihead_cnn(tmp_path):
-    from transferlab.core.results import run_experiment
+    from transferlab.core.runner import run_experiment
 
     over = {"n_train": 20, "n_test": 20, "epochs": 1, "arms": ("gpm", "multitask"), "n_samples": (4, 4, 8)}
     out = run_experiment("cuber-split-fmnist", "quick", seeds=1, overrides=over, out=tmp_path)
@@ -236,7 +236,7 @@ def test_cuber_trust_radius_bounds_the_in_subspace_move():
     x, y = task_data(5)
     torch.manual_seed(0)
     model = mlp()
-    strat = CUBER(model, CUBERConfig(thresholds=(0.99,), eps_proj=0.0, eps_corr=-1.0, step_rule="free",
+    strat = CUBER(model, CUBERConfig(thresholds=(0.99,), eps_proj=0.0, eps_corr=-1.0, rule="free",
                                      trust_radius=0.05))
     fit(model, strat, [(x, y)], steps=5)
     strat.before_task(1, [(x, y)])

@@ -13,7 +13,7 @@ from ..core.errors import UserError
 from .memory import check_threshold
 
 SOLVERS = ("eigh", "svd", "lowrank")
-STEP_RULES = ("agem", "gate", "free", "along", "backward", "share_q")
+STEP_RULES = ("free", "agem", "gate", "along", "backward", "share_q")
 CORR_SPACES = ("subspace", "full")
 
 
@@ -86,32 +86,31 @@ class CUBERConfig(TRGPConfig):
     [reconstructed] Regime 3 (sufficient projection AND positive correlation): the new task's update
     may move inside old task j's input subspace S_j. Positive correlation is tested as
     cos(P_j g_t, P_j g_j) >= eps_corr, g_j the gradient of task j's loss at its own final weights
-    (stored per layer at the end of task j; no raw data is kept). What Regime 3 then does is the
-    `step_rule`: by default (reading (a), `backward`) the new task's gradient stays GPM-projected and
-    each batch adds a step along old task j's stored in-subspace gradient when that lowers the new
-    task's and every old task's first-order loss; the other rules keep (part of) the new task's
-    in-subspace gradient instead. All in-subspace moves stop at a per-task trust radius. Defaults
-    (eps_corr 0 = positive inner product, step_rule backward = reading (a), radius 0.02) were chosen on
-    the validation split of the rotated Fashion-MNIST stream (docs/cuber.md lists every variant and
-    reading tried).
+    (stored per layer at the end of task j; no raw data is kept). `rule` says what Regime 3 does.
+    The default, `free`, is the reading closest to the paper's text ("selectively modifies the
+    learnt model of the old tasks when learning the new task"; correlation defined through "the
+    gradient projection onto the subspaces of old tasks"): the new task's own gradient keeps its
+    component inside the positively correlated old tasks' subspaces. Every other rule is a named
+    variant; tables name the rule of every CUBER column.
     """
 
     eps_corr: float = field(0.0, "[reconstructed] positive-correlation threshold eps_2 on the cosine between the "
-                            "new task's and old task's in-subspace gradients")
-    step_rule: str = field("backward", "[reconstructed] in-subspace step per batch: agem (remove the part that would "
-                           "raise an old task's first-order loss), gate (drop it if it would), free (keep it), "
-                           "along (keep only the component along old tasks' own stored gradients, when positive); "
-                           "reading (a) backward: the new task's gradient stays GPM-projected and each batch adds an "
-                           "explicit step along old task j's stored in-subspace gradient, only when it also lowers "
-                           "the new task's and no other old task's first-order loss; reading (b) share_q: the weights "
-                           "stay GPM-projected and old task j adopts the new task's TRGP scaling on S_j, "
-                           "step_scale * (Q_tj - I), when that lowers j's first-order loss")
+                            "new task's and old task's in-subspace gradients (an undefined cosine, from a zero "
+                            "projection, is never positive)")
+    rule: str = field("free", "[reconstructed] Regime-3 update. Paper reading, the new task's own gradient moves "
+                      "inside S_j: free (keep it, default), agem (remove the part that would raise an old task's "
+                      "first-order loss), gate (drop it if it would). Variants: along (keep only the component "
+                      "along old tasks' stored gradients, when positive); backward (the new task's gradient stays "
+                      "GPM-projected and each step adds step_scale x old task j's stored in-subspace gradient, "
+                      "when that lowers the new task's and no old task's first-order loss); share_q (the weights "
+                      "stay GPM-projected; old task j adopts step_scale x (Q_tj - I) of the new task's TRGP "
+                      "scaling when that lowers j's first-order loss)")
     step_scale: float = field(1.0, "[reconstructed] scale of the in-subspace component of the update (backward: "
-                              "the step size beta on the stored old-task gradient; share_q: the share gamma of Q_tj-I)")
+                              "the step size on the stored old-task gradient; share_q: the share of Q_tj - I)")
     corr_space: str = field("subspace", "[reconstructed] where the positive-correlation cosine is measured: subspace "
-                            "(cos(P_j g_t, P_j g_j)) or, reading (c), full (cos(g_t, g_j) over the whole layer)")
-    trust_radius: float = field(0.02, "[reconstructed] in-subspace moves fade out once they reach this fraction of "
-                                "the in-subspace weight norm per task (0 = unbounded)")
+                            "(cos(P_j g_t, P_j g_j), the paper's reading) or full (cos(g_t, g_j) over the layer)")
+    trust_radius: float = field(0.0, "[reconstructed] in-subspace moves fade out once they reach this fraction of "
+                                "the in-subspace weight norm per task (0 = unbounded, the paper describes no radius)")
     grad_samples: int = field(300, "[reconstructed] samples used for the end-of-task gradient g_j stored per layer")
     scale_regime3: bool = field(True, "[reconstructed] Regime-3 tasks also get TRGP's scaling matrix Q")
 
@@ -119,10 +118,10 @@ class CUBERConfig(TRGPConfig):
         super().__post_init__()
         if not -1.0 <= self.eps_corr <= 1.0:
             raise UserError(f"eps_corr is a cosine threshold in [-1, 1], got {self.eps_corr}")
-        if self.step_rule not in STEP_RULES:
-            raise UserError(f"step_rule must be one of {STEP_RULES}, got {self.step_rule!r}")
-        if self.step_rule == "share_q" and not self.scale_regime3:
-            raise UserError("step_rule='share_q' shares the new task's scaling matrices with old tasks; "
+        if self.rule not in STEP_RULES:
+            raise UserError(f"rule must be one of {STEP_RULES}, got {self.rule!r}")
+        if self.rule == "share_q" and not self.scale_regime3:
+            raise UserError("rule='share_q' shares the new task's scaling matrices with old tasks; "
                             "it needs scale_regime3=True")
         if self.corr_space not in CORR_SPACES:
             raise UserError(f"corr_space must be one of {CORR_SPACES}, got {self.corr_space!r}")

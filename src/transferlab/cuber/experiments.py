@@ -50,7 +50,7 @@ class StreamConfig:
     eps_proj: float = field(0.2, "TRGP/CUBER trust-region threshold eps_1")
     eps_corr: float = field(0.0, "[reconstructed] CUBER positive-correlation threshold (cosine; chosen on "
                             "rotated validation)")
-    step_rule: str = field("backward", "[reconstructed] CUBER in-subspace step rule: agem, gate, free, along, "
+    rule: str = field("backward", "[reconstructed] CUBER in-subspace step rule: agem, gate, free, along, "
                            "backward (reading a), share_q (reading b); see CUBERConfig")
     corr_space: str = field("subspace", "[reconstructed] CUBER correlation cosine: subspace, or full (reading c)")
     step_scale: float = field(1.0, "[reconstructed] CUBER in-subspace step scale")
@@ -87,7 +87,7 @@ def make_strategy(arm: str, model, cfg, forward=None):
     if arm == "trgp":
         return TRGP(model, TRGPConfig(**g, eps_proj=cfg.eps_proj), forward)
     if arm == "cuber":
-        return CUBER(model, CUBERConfig(**g, eps_proj=cfg.eps_proj, eps_corr=cfg.eps_corr, step_rule=cfg.step_rule,
+        return CUBER(model, CUBERConfig(**g, eps_proj=cfg.eps_proj, eps_corr=cfg.eps_corr, rule=cfg.rule,
                                         step_scale=cfg.step_scale, scale_regime3=cfg.scale_regime3,
                                         trust_radius=cfg.trust_radius, corr_space=cfg.corr_space), forward)
     raise UserError(f"unknown arm {arm!r}")
@@ -182,7 +182,7 @@ class PermutedConfig(StreamConfig):
     # rule (ACC -0.51 vs +0.30 over GPM, 3 seeds; docs/cuber.md), so the permuted experiment keeps it.
     eps_corr: float = field(0.3, "[reconstructed] CUBER positive-correlation threshold (chosen on permuted "
                             "validation)")
-    step_rule: str = field("gate", "[reconstructed] CUBER in-subspace step rule (gate chosen on permuted "
+    rule: str = field("gate", "[reconstructed] CUBER in-subspace step rule (gate chosen on permuted "
                            "validation over backward; see CUBERConfig)")
 
 

@@ -271,6 +271,17 @@ class GradientProjectionMemory:
         self._factors = {}
         return added
 
+    @torch.no_grad()
+    def extend(self, name: str, new: torch.Tensor) -> int:
+        """Append directions `new` (m x k, orthonormal to the current basis) to layer `name`'s basis."""
+        dev = self.modules[name].weight.device
+        old = self.bases.get(name)
+        if old is None:
+            old = new.new_zeros(new.shape[0], 0)
+        self.bases[name] = torch.cat([old.to(new.dtype).to(new.device), new], 1).float().to(dev)
+        self._factors = {}
+        return new.shape[1]
+
     # ---- projection ----------------------------------------------------------------------------
     def factor(self, name: str) -> tuple[str, torch.Tensor] | None:
         """("sub", M) to compute g - g M M^T, or ("keep", N) to compute g N N^T when N is thinner."""

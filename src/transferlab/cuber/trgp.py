@@ -20,7 +20,7 @@ from torch import nn
 
 from ..core.errors import UserError
 from .config import CUBERConfig, TRGPConfig
-from .memory import left_spectrum
+from .memory import _orthonormal_against, left_spectrum
 from .strategies import GPM, Forward, check_loader, take_samples
 
 REGIME_WEAK, REGIME_TRUST, REGIME_POSITIVE = 1, 2, 3
@@ -32,17 +32,24 @@ def projection_ratio(g: torch.Tensor, U: torch.Tensor) -> float:
     return 0.0 if n == 0 or U.shape[1] == 0 else ((g @ U).norm() / n).item()
 
 
+def _cosine(a: torch.Tensor, b: torch.Tensor, ref_a: torch.Tensor, ref_b: torch.Tensor) -> float:
+    """cos(a, b), or nan when either side has no direction: a zero vector (or one below 1e-6 of
+    the full gradient it came from) is correlated with nothing, positively or negatively."""
+    na, nb = a.norm(), b.norm()
+    if na <= 1e-6 * ref_a.norm() or nb <= 1e-6 * ref_b.norm() or na == 0 or nb == 0:
+        return float("nan")
+    return ((a * b).sum() / (na * nb)).item()
+
+
 def cosine_correlation(g_new: torch.Tensor, g_old: torch.Tensor, U: torch.Tensor) -> float:
-    """[reconstructed] cos(P g_new, P g_old), P = projection onto span(U) (right-multiplication)."""
-    a, b = g_new @ U, g_old @ U  # coordinates in the basis: same inner products as the projections
-    d = a.norm() * b.norm()
-    return 0.0 if d == 0 else ((a * b).sum() / d).item()
+    """[reconstructed] cos(P g_new, P g_old), P = projection onto span(U) (right-multiplication);
+    nan when either projection vanishes."""
+    return _cosine(g_new @ U, g_old @ U, g_new, g_old)  # coordinates: same inner products as projections
 
 
 def full_cosine(g_new: torch.Tensor, g_old: torch.Tensor, U: torch.Tensor) -> float:
-    """[reconstructed, reading (c)] cos(g_new, g_old) over the whole layer, ignoring the subspace U."""
-    d = g_new.norm() * g_old.norm()
-    return 0.0 if d == 0 else ((g_new * g_old).sum() / d).item()
+    """[reconstructed] cos(g_new, g_old) over the whole layer, ignoring the subspace U; nan for a zero gradient."""
+    return _cosine(g_new, g_old, g_new, g_old)
 
 
 def classify(g_new: torch.Tensor, U: torch.Tensor, eps_proj: float, g_old: torch.Tensor | None = None,
@@ -57,7 +64,8 @@ def classify(g_new: torch.Tensor, U: torch.Tensor, eps_proj: float, g_old: torch
     if g_old is None or eps_corr is None:
         return REGIME_TRUST, ratio, float("nan")
     corr = correlation(g_new, g_old, U)
-    return (REGIME_POSITIVE if corr >= eps_corr else REGIME_TRUST), ratio, corr
+    positive = corr == corr and corr >= eps_corr  # nan (undefined correlation) is never positive
+    return (REGIME_POSITIVE if positive else REGIME_TRUST), ratio, corr
 
 
 def in_subspace_step(g: torch.Tensor, B: torch.Tensor, anchors: list[torch.Tensor], rule: str = "agem",
@@ -120,24 +128,41 @@ def _along_anchors(g: torch.Tensor, anchors: list[torch.Tensor]) -> torch.Tensor
     return d
 
 
-def task_basis(M_old: torch.Tensor | None, A: torch.Tensor, eps: float) -> torch.Tensor:
-    """TRGP's per-task basis: old global vectors and new residual directions ranked together by the
-    task's energy along them, taken until eps * ||A||_F^2 is reached."""
+def task_basis(M_old: torch.Tensor | None, A: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRGP's per-task basis and the new directions it adds to the protected (global) basis.
+
+    First task: GPM's strict rule (top singular vectors whose cumulative energy stays below eps;
+    the crossing vector is not kept). Later tasks: old global vectors (energy u_i^T A A^T u_i) and
+    the residual's singular vectors (energy sigma_i^2) are ranked together and taken until the
+    selected energy reaches eps * ||A||_F^2 (the crossing entry is kept, at most m entries).
+    Returns (B, new): B (m x r) is the task's basis, `new` (m x k) the selected residual
+    directions, orthonormal to M_old. The protected basis must grow by exactly `new` (TRGP's rule)
+    so that span(B) stays inside it; growing it by GPM's rule instead can leave part of B outside.
+    (The official code's `sel_index > r_pre` test skips the top-ranked new direction, index r_pre;
+    here every selected new direction is added.)
+    """
     A = A.double()
-    total = (A * A).sum()
+    m = A.shape[0]
+    total = (A * A).sum().clamp_min(1e-30)
     if M_old is None or M_old.shape[1] == 0:
         U, s2 = left_spectrum(A)
-        cand, energy = U, s2
-    else:
-        M = M_old.double()
-        delta = ((M.T @ A) ** 2).sum(1)  # u_i^T A A^T u_i for each old vector
-        U, s2 = left_spectrum(A - M @ (M.T @ A))
-        cand, energy = torch.cat([M, U], 1), torch.cat([delta, s2])
+        r = int((torch.cumsum(s2, 0) / total < eps).sum())
+        B = _orthonormal_against(None, U[:, :r])
+        return B, B
+    M = M_old.double()
+    delta = ((M.T @ A) ** 2).sum(1)  # u_i^T A A^T u_i for each old vector
+    R = A - M @ (M.T @ A)
+    U, s2 = left_spectrum(R)
+    energy = torch.cat([delta, s2])
     order = torch.argsort(energy, descending=True)
-    cum = torch.cumsum(energy[order], 0) / total.clamp_min(1e-30)
-    r = min(int((cum < eps).sum()) + 1, len(order))
-    Q, _ = torch.linalg.qr(cand[:, order[:r]])
-    return Q
+    cum = torch.cumsum(energy[order], 0) / total
+    r = min(int((cum < eps).sum()) + 1, len(order), m)
+    sel = order[:r]
+    r_old = M.shape[1]
+    old_idx = sel[sel < r_old]
+    new = _orthonormal_against(M, U[:, sel[sel >= r_old] - r_old])
+    new = new[:, : m - r_old]
+    return torch.cat([M[:, old_idx], new], 1), new
 
 
 class TRGP(GPM):
@@ -216,14 +241,14 @@ class TRGP(GPM):
         for p in self.patches.values():
             p.factor = None
         reps = self.representations(task_id, loader)
-        old = {n: self.memory.bases.get(n) for n in self.memory.names}
         bases = {}
         for i, n in enumerate(self.memory.names):
             if n in reps:
-                eps = self.memory.threshold(task_id, i)
-                bases[n] = task_basis(old[n], reps[n], eps).float().to(self.device)
+                old = self.memory.bases.get(n)
+                B, new = task_basis(None if old is None else old.double(), reps[n], self.memory.threshold(task_id, i))
+                self.memory.extend(n, new)  # TRGP's rule: exactly the selected new directions
+                bases[n] = B.float().to(self.device)
         self.task_bases.append(bases)
-        self.memory.update(reps, task_id)
         self.use_task(task_id)
 
     def state_dict(self) -> dict:
@@ -258,6 +283,7 @@ class CUBER(TRGP):
         self.others: dict[str, list[torch.Tensor]] = {}  # backward: every old task's anchor per layer
         self.positive: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # layer -> (B, anchors)
         self.start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (W at task start, ||W B||)
+        self._window: dict[str, tuple] = {}  # layer -> (weight version, grad tensor, output, raw) of the last call
 
     def _regime(self, layer: str, j: int, g: torch.Tensor) -> tuple[int, float, float]:
         corr = full_cosine if self.cfg.corr_space == "full" else cosine_correlation
@@ -274,8 +300,8 @@ class CUBER(TRGP):
 
     def before_task(self, task_id: int, loader) -> None:
         super().before_task(task_id, loader)
-        self.positive, self.start, self.others = {}, {}, {}
-        if self.cfg.step_rule == "share_q":  # reading (b): the weights move as in TRGP; see after_task
+        self.positive, self.start, self.others, self._window = {}, {}, {}, {}
+        if self.cfg.rule == "share_q":  # reading (b): the weights move as in TRGP; see after_task
             self._set_projection()
             return
         for n, res in self.regimes.get(task_id, {}).items():
@@ -295,21 +321,35 @@ class CUBER(TRGP):
         self._set_projection(exclude=set(self.positive))  # Regime-3 layers need the full gradient
 
     def after_backward(self, model=None) -> None:
+        """Project and add the Regime-3 step; may be called after every backward of an accumulation.
+
+        Within one optimizer step (detected by the weight's version counter, which `optimizer.step`
+        bumps) repeated calls see the accumulated raw gradient: the previous call's output is
+        replaced, not added to, so the step is applied once per optimizer step for k micro-batches.
+        """
         keep = {}
         for n, (B, anchors) in self.positive.items():
             w = self.memory.modules[n].weight
-            if w.grad is not None:
-                g = w.grad.view(w.shape[0], -1)
-                if self.cfg.step_rule == "backward":
-                    d = backward_step(g, anchors, self.others.get(n, []), self.cfg.step_scale)
-                else:
-                    d = in_subspace_step(g, B, anchors, self.cfg.step_rule, self.cfg.step_scale)
-                keep[n] = d * self._budget(n, w, B)
+            if w.grad is None:
+                continue
+            g = w.grad.view(w.shape[0], -1)
+            prev = self._window.get(n)
+            if prev is not None and prev[0] == w._version and prev[1] is w.grad:
+                with torch.no_grad():  # raw accumulated gradient = what arrived since + raw before
+                    g.add_(prev[3] - prev[2])
+            raw = g.detach().clone()
+            if self.cfg.rule == "backward":
+                d = backward_step(g, anchors, self.others.get(n, []), self.cfg.step_scale)
+            else:
+                d = in_subspace_step(g, B, anchors, self.cfg.rule, self.cfg.step_scale)
+            keep[n] = (d * self._budget(n, w, B), raw)
         super().after_backward(model)
         with torch.no_grad():
-            for n, d in keep.items():
+            for n, (d, raw) in keep.items():
                 w = self.memory.modules[n].weight
-                w.grad.view(w.shape[0], -1).add_(d)
+                g = w.grad.view(w.shape[0], -1)
+                g.add_(d)
+                self._window[n] = (w._version, w.grad, g.detach().clone(), raw)
 
     @torch.no_grad()
     def _budget(self, n: str, w: torch.Tensor, B: torch.Tensor) -> float:
@@ -328,10 +368,10 @@ class CUBER(TRGP):
         self.use_task(task_id)
         x, y = take_samples(loader, self.cfg.grad_samples)
         self.task_grads.append(self.layer_grads(task_id, x, y))
-        if self.cfg.step_rule == "share_q":
+        if self.cfg.rule == "share_q":
             self._share_scales(task_id)
         super().after_task(task_id, loader)
-        if self.cfg.step_rule == "share_q":
+        if self.cfg.rule == "share_q":
             self.q_grads.append(self._scale_grads(task_id, x, y))
             self.use_task(task_id)
         self.positive = {}

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import transferlab.cprd.loss as L
-from transferlab.cprd import cprd_loss, kernels, mine_hard_negatives, partial_ranking_nll
+from transferlab.cprd import cprd_loss, kernels, mine_hard_negatives
+from transferlab.cprd.loss import partial_ranking_nll
 
 
 def masked_topk(x, k, blocked):

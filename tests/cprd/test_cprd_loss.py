@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from transferlab.core.errors import UserError
-from transferlab.cprd import CPRDConfig, CPRDLoss, cprd_loss, mine_hard_negatives, partial_ranking_nll
+from transferlab.cprd import CPRDConfig, CPRDLoss, cprd_loss, mine_hard_negatives
+from transferlab.cprd.loss import partial_ranking_nll
 
 
 def one_anchor(student, teacher):

@@ -14,8 +14,8 @@ from .loss import (
     listnet_loss,
     margin_mse_loss,
     mine_hard_negatives,
-    partial_ranking_nll,
     valid_prefix,
+    valid_ranks,
 )
 from .metrics import retrieval_metrics
 from .model import (
@@ -32,6 +32,6 @@ from .st_adapter import CPRDSentenceTransformerLoss
 from .trainer import DualEncoder, DualEncoderTrainer
 
 __all__ = ["CPRDConfig", "cprd_loss", "infonce_loss", "kl_distill_loss", "listnet_loss", "margin_mse_loss",
-           "mine_hard_negatives", "partial_ranking_nll", "valid_prefix", "retrieval_metrics", "LOSSES",
+           "mine_hard_negatives", "valid_prefix", "valid_ranks", "retrieval_metrics", "LOSSES",
            "ContrastiveDistillLoss", "CPRDLoss", "InfoNCELoss", "KLDistillLoss", "ListNetDistillLoss",
            "MarginMSEDistillLoss", "make_loss", "CPRDSentenceTransformerLoss", "DualEncoder", "DualEncoderTrainer"]

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from ..core.errors import UserError
 from .kernels import argsort_rows_desc_native, topk_rows_native
 
-VALID_RULES = ("all", "top_m", "threshold")
+VALID_RULES = ("all", "top_m", "threshold", "below_positive")
+RANK_REDUCTIONS = ("mean", "sum")
 
 
 def _check_matrix(name: str, x: torch.Tensor, shape=None) -> None:
@@ -118,8 +119,8 @@ def topk_rows(x: torch.Tensor, k: int, blocked: torch.Tensor | None = None,
 
 def mine_hard_negatives(student_sim: torch.Tensor, positive_mask: torch.Tensor, k: int | None,
                         candidate_mask: torch.Tensor | None = None, *,
-                        positives_per_row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's K most similar non-positive candidates per anchor.
+                        positives_per_row: int | None = None, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's K most similar non-positive candidates per anchor (after the `skip` most similar).
 
     Args:
         student_sim: [A, C] student similarities (not modified; mining uses a detached copy).
@@ -128,6 +129,8 @@ def mine_hard_negatives(student_sim: torch.Tensor, positive_mask: torch.Tensor, 
         candidate_mask: optional [A, C] bool of candidates allowed at all (e.g. padding = False).
         positives_per_row: the number of positives of *every* row, when the caller has already
             established that it is one constant (e.g. from `positive_columns`); saves counting them.
+        skip: the hardest negatives to pass over first; skip=K mines ranks K+1..2K (the
+            easy-negatives ablation of finding 2). Needs an integer k.
 
     Returns:
         (hard_idx [A, K] long, available [A, K] bool). Indices are sorted by decreasing student
@@ -146,18 +149,25 @@ def mine_hard_negatives(student_sim: torch.Tensor, positive_mask: torch.Tensor, 
         n_blocked = blocked.view(torch.uint8).sum(1, dtype=torch.int32)  # (a bool sum would widen to int64 first)
         fewest, most = (int(v) for v in n_blocked.aminmax())  # one pass for the check and for topk_rows
     n_neg_min, n_neg_max = blocked.shape[1] - most, blocked.shape[1] - fewest
+    if not isinstance(skip, int) or skip < 0:
+        raise UserError(f"skip must be a non-negative integer, got {skip!r}")
     if k is None:
+        if skip:
+            raise UserError("skip needs an integer k (it mines ranks skip+1..skip+k)")
         k = n_neg_max
     else:
         if not isinstance(k, int) or k < 1:
             raise UserError(f"k must be a positive integer (negatives per anchor), got {k!r}")
-        if k > n_neg_min:
+        if k + skip > n_neg_min:
             row = 0 if n_blocked is None else int(n_blocked.argmax().item())
-            raise UserError(f"k={k} is larger than the number of negatives ({n_neg_min}) of anchor {row}; "
-                            f"lower k to at most {n_neg_min} or use a larger batch / candidate pool")
+            what = f"k={k}" if not skip else f"k + skip = {k + skip}"
+            raise UserError(f"{what} is larger than the number of negatives ({n_neg_min}) of anchor {row}; "
+                            f"lower it to at most {n_neg_min} or use a larger batch / candidate pool")
     if k < 1:
         raise UserError("no negatives to mine: every candidate is a positive or masked out")
-    values, indices = topk_rows(student_sim.detach(), k, blocked, most)  # sorted, largest first
+    values, indices = topk_rows(student_sim.detach(), k + skip, blocked, most)  # sorted, largest first
+    if skip:
+        values, indices = values[:, skip:], indices[:, skip:]
     return indices, values.abs() < float("inf")  # = isfinite (NaN too), in 2 ops instead of 4
 
 
@@ -182,7 +192,34 @@ def valid_prefix(t_sorted: torch.Tensor, available: torch.Tensor, rule: str = "a
         if param is None:
             raise UserError("valid='threshold' needs valid_param = the teacher-score threshold")
         return ((t_sorted >= param) & available).sum(1)
+    if rule == "below_positive":
+        raise UserError("valid='below_positive' is not a prefix rule (the invalid candidates are the teacher's "
+                        "top ones); use valid_ranks with the positive's teacher score")
     raise UserError(f"unknown validity rule {rule!r}; choose from {', '.join(VALID_RULES)}")
+
+
+def valid_ranks(t_sorted: torch.Tensor, available: torch.Tensor, rule: str = "all", param: float | None = None,
+                t_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """[A, K] bool: which teacher-sorted candidates are valid (carry a ranking term).
+
+    The prefix rules (`valid_prefix`) give the first J* ranks. "below_positive" marks as invalid
+    every negative the teacher scores *above* the anchor's positive (`t_pos`, [A]): a likely false
+    negative, whose order the student should not learn. Those sit at the top of the teacher's
+    order, so they get no term and, being ranked first, never enter a valid candidate's suffix
+    denominator either. Like `all` / `top_m` the rule only compares scores, so it is invariant to
+    monotone transforms of the teacher.
+    """
+    ranks = torch.arange(t_sorted.shape[1], device=t_sorted.device)
+    if rule == "below_positive":
+        if t_pos is None:
+            raise UserError("valid='below_positive' needs the positive's teacher score per anchor "
+                            "(teacher_positive=..., or a teacher score matrix with positive_mask)")
+        if tuple(t_pos.shape) != (t_sorted.shape[0],):
+            raise UserError(f"teacher_positive must have shape [{t_sorted.shape[0]}] (one score per anchor), "
+                            f"got {tuple(t_pos.shape)}")
+        return (t_sorted <= t_pos.to(t_sorted.dtype)[:, None]) & available
+    j_star = valid_prefix(t_sorted, available, rule, param)
+    return (ranks[None, :] < j_star[:, None]) & available
 
 
 def masked_logsumexp(x: torch.Tensor, keep: torch.Tensor | None, dim: int) -> torch.Tensor:
@@ -272,35 +309,46 @@ class _SuffixNLL(torch.autograd.Function):
 
 
 def partial_ranking_nll(s: torch.Tensor, t: torch.Tensor, *, valid: str = "all", valid_param: float | None = None,
-                        available: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+                        available: torch.Tensor | None = None, reduction: str = "mean",
+                        t_pos: torch.Tensor | None = None, rank_reduction: str = "mean") -> torch.Tensor:
     """Truncated Plackett-Luce NLL of the teacher's order of each row's candidates.
 
     Args:
         s: [A, K] student logits (similarity / tau), differentiable.
         t: [A, K] teacher scores of the same candidates (detached here).
         available: [A, K] bool, False for padding slots (they sort last and carry no term).
+        t_pos: [A] teacher score of each anchor's positive (needed by valid="below_positive").
+        rank_reduction: "mean" (a row's loss is the mean of its rank terms) or "sum" (their sum, the
+            survey formula; with K negatives it weighs the term up to K - 1 times more).
 
-    Per row: sort by t (descending, stable), J* = valid_prefix(...); for each rank j < J* that has
-    at least one candidate below it, the term is logsumexp(s_j..s_K) - s_j. A row's loss is the mean
-    of its terms (0 when it has none, never NaN).
+    Per row: sort by t (descending, stable), mark the valid ranks (`valid_ranks`); for each valid
+    rank j that has at least one candidate below it, the term is logsumexp(s_j..s_K) - s_j. A row
+    with no term has loss 0 (never NaN).
     """
+    if rank_reduction not in RANK_REDUCTIONS:
+        raise UserError(f"rank_reduction must be mean or sum, got {rank_reduction!r}")
+    if valid not in VALID_RULES:
+        raise UserError(f"unknown validity rule {valid!r}; choose from {', '.join(VALID_RULES)}")
     t = t.detach().to(s.dtype)
+    if t_pos is not None:
+        t_pos = t_pos.detach().to(s.dtype)
     k = s.shape[1]
+    mean = rank_reduction == "mean"
     full = available is None or bool(available.all())
     if full:
         sd = s.detach()
         if bool(((sd.amax(1) - sd.amin(1)) < 80).all()):  # the common case: one fused op, see _SuffixNLL
             order = _teacher_order(t)
-            if valid == "threshold":
+            if valid in ("threshold", "below_positive"):
                 t_sorted = t.gather(1, order)
-                j_star = valid_prefix(t_sorted, torch.ones_like(t_sorted, dtype=torch.bool), valid, valid_param)
-                use = torch.arange(k, device=s.device) < j_star.clamp(max=k - 1)[:, None]
-                w = use / use.sum(1, keepdim=True).clamp(min=1)
+                use = valid_ranks(t_sorted, torch.ones_like(t_sorted, dtype=torch.bool), valid, valid_param, t_pos)
+                use[:, k - 1] = False  # the last candidate has nothing below it
+                w = use / use.sum(1, keepdim=True).clamp(min=1) if mean else use.to(s.dtype)
             else:  # J* is the same for every row: one weight row, broadcast
                 n_use = k - 1 if valid == "all" else min(
                     int(valid_prefix(None, torch.ones(1, k, dtype=torch.bool), valid, valid_param)), k - 1)
                 w = s.new_zeros(1, k)
-                w[:, :n_use] = 1.0 / max(n_use, 1)
+                w[:, :n_use] = 1.0 / max(n_use, 1) if mean else 1.0
             return _reduce(_SuffixNLL.apply(s, order, w), reduction)
     if available is None:
         available = torch.ones_like(s, dtype=torch.bool)
@@ -315,13 +363,12 @@ def partial_ranking_nll(s: torch.Tensor, t: torch.Tensor, *, valid: str = "all",
     s_sorted = torch.where(avail_sorted, s_sorted, floor.expand_as(s_sorted))
     lse = suffix_logsumexp(s_sorted)
     terms = lse - s_sorted
-    j_star = valid_prefix(t_sorted, avail_sorted, valid, valid_param)
     n_avail = avail_sorted.sum(1)
     ranks = torch.arange(k, device=s.device)
     # the last available candidate has nothing below it: its term is log(1) = 0, so it is not counted
-    use = (ranks[None, :] < j_star[:, None]) & (ranks[None, :] < (n_avail - 1)[:, None])
+    use = valid_ranks(t_sorted, avail_sorted, valid, valid_param, t_pos) & (ranks[None, :] < (n_avail - 1)[:, None])
     terms = torch.where(use, terms, torch.zeros_like(terms))
-    per_row = terms.sum(1) / use.sum(1).clamp(min=1)
+    per_row = terms.sum(1) / use.sum(1).clamp(min=1) if mean else terms.sum(1)
     return _reduce(per_row, reduction)
 
 
@@ -338,7 +385,9 @@ def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
 def cprd_loss(student_sim: torch.Tensor, teacher_scores: torch.Tensor, positive_mask: torch.Tensor,
               k: int | None = 8, tau: float | torch.Tensor = 0.07, valid: str = "all",
               valid_param: float | None = None, *, hard_idx: torch.Tensor | None = None,
-              candidate_mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+              candidate_mask: torch.Tensor | None = None, reduction: str = "mean",
+              teacher_positive: torch.Tensor | None = None, rank_reduction: str = "mean",
+              skip: int = 0) -> torch.Tensor:
     """CPRD in one direction (rows are anchors).
 
     Args:
@@ -350,6 +399,10 @@ def cprd_loss(student_sim: torch.Tensor, teacher_scores: torch.Tensor, positive_
         tau: student temperature (a float or a 0-dim tensor, e.g. the learnable InfoNCE temperature).
         valid, valid_param: validity rule for the partial ranking, see `valid_prefix`.
         hard_idx: optional precomputed [A, K] indices from `mine_hard_negatives`.
+        teacher_positive: [A] teacher score of each anchor's positive, for valid="below_positive"
+            when teacher_scores is [A, K]; with an [A, C] matrix it is the best positive's score.
+        rank_reduction: "mean" or "sum" over a row's rank terms (see `partial_ranking_nll`).
+        skip: mine ranks skip+1..skip+K of the student's negatives instead of the top K.
 
     Raises UserError for mismatched shapes, k larger than a row's number of negatives, NaN teacher
     scores, or a non-positive temperature.
@@ -363,7 +416,7 @@ def cprd_loss(student_sim: torch.Tensor, teacher_scores: torch.Tensor, positive_
     if hard_idx is None:
         _check_matrix("teacher_scores", teacher_scores, student_sim.shape)
         _check_finite_teacher(teacher_scores)
-        hard_idx, available = mine_hard_negatives(student_sim, positive_mask, k, candidate_mask)
+        hard_idx, available = mine_hard_negatives(student_sim, positive_mask, k, candidate_mask, skip=skip)
         t = teacher_scores.detach().gather(1, hard_idx)
     else:
         _check_matrix("positive_mask", positive_mask, student_sim.shape)
@@ -381,8 +434,14 @@ def cprd_loss(student_sim: torch.Tensor, teacher_scores: torch.Tensor, positive_
         if positive_mask.bool().gather(1, hard_idx).any():
             raise UserError("hard_idx contains a positive of its anchor; mine with mine_hard_negatives")
         available = torch.ones_like(hard_idx, dtype=torch.bool)
+    t_pos = teacher_positive
+    if valid == "below_positive" and t_pos is None:
+        if tuple(teacher_scores.shape) != tuple(student_sim.shape):
+            raise UserError("valid='below_positive' with [A, K] teacher scores needs teacher_positive [A]")
+        t_pos = teacher_scores.detach().masked_fill(~positive_mask.bool(), float("-inf")).amax(1)
     s = student_sim.gather(1, hard_idx) / tau
-    return partial_ranking_nll(s, t, valid=valid, valid_param=valid_param, available=available, reduction=reduction)
+    return partial_ranking_nll(s, t, valid=valid, valid_param=valid_param, available=available, reduction=reduction,
+                               t_pos=t_pos, rank_reduction=rank_reduction)
 
 
 def positive_columns(positive_mask: torch.Tensor) -> torch.Tensor | None:

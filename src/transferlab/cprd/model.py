@@ -62,15 +62,34 @@ def _inverse_permutation(idx: torch.Tensor, n_cols: int) -> torch.Tensor | None:
     return inv if bool((inv >= 0).all()) else None
 
 
-def _teacher_scores(teacher: Teacher, flat: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """Teacher scores of the (image, text) pairs at flat indices image * n_cols + text; no gradients, no NaN."""
+def _teacher_scores(teacher: Teacher, flat: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Teacher scores of the (image, text) pairs at flat indices image * n_cols + text; no gradients, no NaN.
+
+    A score matrix must have the student's shape exactly: a matrix of another shape with enough
+    elements would otherwise be read at the wrong pairs. A pair scorer must return one score per pair.
+    """
+    n_rows, n_cols = shape
     if isinstance(teacher, torch.Tensor):
-        t = teacher.detach()
-        out = t.reshape(-1).index_select(0, flat)  # only the pairs used are read (and checked)
-    else:
+        if tuple(teacher.shape) != (n_rows, n_cols):
+            raise UserError(f"teacher score matrix has shape {tuple(teacher.shape)} but the student similarity "
+                            f"matrix is {(n_rows, n_cols)}; pass scores for the same images (rows) and texts "
+                            "(columns), or a pair scorer teacher(rows, cols)")
+        out = teacher.detach().reshape(-1).index_select(0, flat)  # only the pairs used are read (and checked)
+    elif callable(teacher):
         with torch.no_grad():
             out = teacher(flat.div(n_cols, rounding_mode="floor"), flat.remainder(n_cols))
+        if not isinstance(out, torch.Tensor):
+            raise UserError(f"the teacher pair scorer returned {type(out).__name__}; it must return a tensor of "
+                            f"{len(flat)} scores, one per (row, col) pair asked")
+        if out.dim() == 2 and out.shape[1] == 1:  # a [n, 1] logit column (e.g. a cross-encoder head)
+            out = out[:, 0]
+        if tuple(out.shape) != (len(flat),):
+            raise UserError(f"the teacher pair scorer returned shape {tuple(out.shape)} for {len(flat)} pairs; "
+                            "it must return one score per (row, col) pair, shape [n_pairs]")
         out = out.detach()
+    else:
+        raise UserError(f"teacher must be a score matrix (tensor) or a pair scorer teacher(rows, cols), "
+                        f"got {type(teacher).__name__}")
     if torch.isnan(out).any():
         raise UserError("the teacher returned NaN scores; check it (e.g. fp16 overflow) before distilling")
     return out
@@ -84,6 +103,7 @@ class ContrastiveDistillLoss(nn.Module):
     """
 
     needs_positive = True  # does distill() want the positive's score in column 0?
+    on_cosine = False  # does distill() take raw cosines (True) or cosine / tau (False)?
 
     def __init__(self, config: CPRDConfig | None = None, **overrides):
         super().__init__()
@@ -103,7 +123,7 @@ class ContrastiveDistillLoss(nn.Module):
         `pos_idx`: [A, P] positive columns from `positive_columns`, or None when rows differ in P.
         """
         p = None if pos_idx is None else pos_idx.shape[1]
-        hard_idx, available = mine_hard_negatives(sim, pos, self.config.k, positives_per_row=p)
+        hard_idx, available = mine_hard_negatives(sim, pos, self.config.k, positives_per_row=p, skip=self.config.skip)
         if not self.needs_positive:
             return hard_idx, available
         # the best-scoring positive of each anchor (the only one when there is one caption per image)
@@ -129,7 +149,7 @@ class ContrastiveDistillLoss(nn.Module):
         w = cfg.weight if weight is None else weight
         if type(self).distill is ContrastiveDistillLoss.distill or w == 0:
             return {"loss": nce, "infonce": nce.detach(), "distill": nce.new_zeros(())}
-        if teacher is None:
+        if teacher is None and cfg.teacher_source == "teacher":
             raise UserError(f"{type(self).__name__} needs a teacher (score matrix or pair scorer)")
         # Reconstructed: the distillation term uses the ITC temperature (or cfg.tau) but does not train it.
         t_d = cfg.tau if cfg.tau is not None else (tau.detach() if torch.is_tensor(tau) else tau)
@@ -143,8 +163,14 @@ class ContrastiveDistillLoss(nn.Module):
             cols_t = rest[0][0]
             flat.append(cols_t * n + torch.arange(cols_t.shape[0], device=sim.device)[:, None])
         flat = torch.cat([f.reshape(-1) for f in flat])
-        t_all = _teacher_scores(teacher, flat, n).to(sim.dtype)
-        s_all = _PairScores.apply(sim, flat) / t_d
+        raw = _PairScores.apply(sim, flat)
+        if cfg.teacher_source == "self":  # control: the student's own order, so no knowledge is added
+            t_all = raw.detach().clone()
+        elif cfg.teacher_source == "random":  # control: a random order (global RNG: seeded per run)
+            t_all = torch.rand(raw.shape, dtype=sim.dtype, device=sim.device)
+        else:
+            t_all = _teacher_scores(teacher, flat, tuple(sim.shape)).to(sim.dtype)
+        s_all = raw if self.on_cosine else raw / t_d
         widths = [c.shape[1] for c, _ in mined]
         if len(set(widths)) == 1:  # one batched call for both directions (fewer small ops)
             avail = torch.cat([a for _, a in mined]) if rest else avail_i
@@ -170,12 +196,18 @@ class CPRDLoss(ContrastiveDistillLoss):
     `config.k=None` distils the order of *all* negatives instead of the K hard ones (ablation of finding 2).
     """
 
-    needs_positive = False  # the positive never enters the ranked list
+    @property
+    def needs_positive(self) -> bool:
+        # the positive never enters the ranked list; only below_positive reads its teacher score
+        return self.config.valid == "below_positive"
 
     def distill(self, s, t, available):
         cfg = self.config
+        t_pos = None
+        if self.needs_positive:  # column 0 is the positive: its teacher score sets the validity cut
+            t_pos, s, t, available = t[:, 0], s[:, 1:], t[:, 1:], available[:, 1:]
         return partial_ranking_nll(s, t, valid=cfg.valid, valid_param=cfg.valid_param, available=available,
-                                   reduction="none")
+                                   reduction="none", t_pos=t_pos, rank_reduction=cfg.rank_reduction)
 
 
 class KLDistillLoss(ContrastiveDistillLoss):
@@ -197,7 +229,16 @@ class ListNetDistillLoss(ContrastiveDistillLoss):
 
 
 class MarginMSEDistillLoss(ContrastiveDistillLoss):
-    """InfoNCE + λ·Margin-MSE between student and teacher (positive - negative) margins."""
+    """InfoNCE + λ·Margin-MSE between student and teacher (positive - negative) margins.
+
+    `config.margin_on="cosine"` (default) regresses raw cosine margins on the teacher's margins, as
+    sentence-transformers' MarginMSELoss does; "logit" uses cosine / tau, whose margins are 1/tau
+    (about 14-20x) larger and, at λ = 1, swamp InfoNCE.
+    """
+
+    @property
+    def on_cosine(self) -> bool:
+        return self.config.margin_on == "cosine"
 
     def distill(self, s, t, available):
         if not available.all():

@@ -1,19 +1,29 @@
 """CPRD as a sentence-transformers loss (the library is optional; nothing here imports it).
 
-Data format, as for sentence-transformers' `MarginMSELoss`: columns (query, positive, negative_1,
-..., negative_n), and a label per row = the teacher's scores [M(q, pos), M(q, neg_1), ..., M(q, neg_n)]
-(e.g. `CrossEncoder.predict` on those pairs). Mine the negatives with the *student* (e.g.
-`sentence_transformers.util.mine_hard_negatives` with the model being trained): CPRD distils the
-teacher's order of the student's hard negatives.
+Data format, as for sentence-transformers' `MarginMSELoss`: columns (query, positive, candidate_1,
+..., candidate_n), and a label per row = the teacher's scores [M(q, pos), M(q, cand_1), ..., M(q, cand_n)]
+(e.g. `CrossEncoder.predict` on those pairs).
 
-The loss is InfoNCE over in-batch candidates (every positive and negative of the batch, like
-`MultipleNegativesRankingLoss`) + weight x CPRD over each query's own n negatives ordered by the
+Where the negatives come from. CPRD mines the hard negatives with the *current* student. Inside a
+sentence-transformers loss that can only be done among the candidates of the row: the loss receives
+tokenised features, not texts, so it cannot call a cross-encoder on pairs it picks itself, and the
+teacher scores must arrive as labels. Two ways to use it:
+
+- offline (k=None): the n candidates are the student's hard negatives mined before training (e.g.
+  `sentence_transformers.util.mine_hard_negatives` with the model being trained); all n are ranked.
+  The negatives then reflect the student at mining time, not at each step: re-mine every epoch or so.
+- online (k < n): give each query a wider pool of n candidates with their teacher scores (e.g. the
+  student's top 32 mined once), and the loss re-mines, at every step, the *current* student's k most
+  similar of them, and ranks only those -- the method's online mining restricted to that pool.
+
+The loss is InfoNCE over in-batch candidates (every positive and candidate of the batch, like
+`MultipleNegativesRankingLoss`) + weight x CPRD over each query's own mined candidates ordered by the
 teacher (the in-batch candidates have no teacher score, so they are not ranked).
 
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from transferlab.cprd import CPRDSentenceTransformerLoss
     model = SentenceTransformer(str(transferlab.data.minilm_path()))
-    loss = CPRDSentenceTransformerLoss(model, weight=1.0, tau=0.05)
+    loss = CPRDSentenceTransformerLoss(model, weight=1.0, tau=0.05, k=8)  # rows carry 32 candidates
     SentenceTransformerTrainer(model=model, train_dataset=ds, loss=loss).train()
 """
 
@@ -37,16 +47,22 @@ class CPRDSentenceTransformerLoss(nn.Module):
         weight: λ, the CPRD weight (reconstructed default 1.0).
         tau: temperature on cosine similarities (reconstructed default 0.05 = scale 20, as
             MultipleNegativesRankingLoss).
-        valid, valid_param: validity rule of the partial ranking (see `transferlab.cprd.loss.valid_prefix`).
+        valid, valid_param: validity rule of the partial ranking (see `transferlab.cprd.loss.valid_ranks`);
+            "below_positive" reads the positive's teacher score from the label's column 0.
+        k: None ranks every candidate of the row (offline mining); an integer < n re-mines, at every
+            step, the current student's k most similar candidates of the row (online mining).
+        rank_reduction: "mean" or "sum" over a row's rank terms.
     """
 
     def __init__(self, model, weight: float = 1.0, tau: float = 0.05, valid: str = "all",
-                 valid_param: float | None = None):
+                 valid_param: float | None = None, k: int | None = None, rank_reduction: str = "mean"):
         super().__init__()
         if tau <= 0 or weight < 0:
             raise UserError(f"tau must be > 0 and weight >= 0, got tau={tau}, weight={weight}")
+        if k is not None and (int(k) != k or k < 2):
+            raise UserError(f"k must be None (rank every candidate) or an integer >= 2, got {k!r}")
         self.model, self.weight, self.tau = model, weight, tau
-        self.valid, self.valid_param = valid, valid_param
+        self.valid, self.valid_param, self.k, self.rank_reduction = valid, valid_param, k, rank_reduction
 
     def embed(self, features: dict) -> torch.Tensor:
         return F.normalize(self.model(features)["sentence_embedding"], dim=-1)
@@ -71,10 +87,17 @@ class CPRDSentenceTransformerLoss(nn.Module):
         pos = torch.zeros_like(sim, dtype=torch.bool)
         pos[torch.arange(b), torch.arange(b)] = True
         nce = infonce_loss(sim, pos, self.tau)
-        own = torch.stack([(q * d).sum(-1) for d in docs[1:]], 1)  # [B, n] the query's own negatives
-        cprd = partial_ranking_nll(own / self.tau, labels[:, 1:].to(own.device), valid=self.valid,
-                                   valid_param=self.valid_param)
+        own = torch.stack([(q * d).sum(-1) for d in docs[1:]], 1)  # [B, n] the query's own candidates
+        t = labels[:, 1:].to(own.device)
+        if self.k is not None:
+            if self.k > n:
+                raise UserError(f"k={self.k} exceeds the {n} candidates per row; lower k or give more candidates")
+            mined = own.detach().topk(self.k, dim=1).indices  # online: the current student's hardest
+            own, t = own.gather(1, mined), t.gather(1, mined)
+        cprd = partial_ranking_nll(own / self.tau, t, valid=self.valid, valid_param=self.valid_param,
+                                   t_pos=labels[:, 0].to(own.device), rank_reduction=self.rank_reduction)
         return nce + self.weight * cprd
 
     def get_config_dict(self) -> dict:
-        return {"weight": self.weight, "tau": self.tau, "valid": self.valid, "valid_param": self.valid_param}
+        return {"weight": self.weight, "tau": self.tau, "valid": self.valid, "valid_param": self.valid_param,
+                "k": self.k, "rank_reduction": self.rank_reduction}

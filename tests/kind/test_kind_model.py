@@ -150,3 +150,31 @@ def test_convert_on_diffusers_dit_keeps_its_forward_signature():
     assert out.shape == x.shape
     with pytest.raises(UserError, match="outside the gate"):
         kind(x, timestep=t, class_labels=torch.tensor([1, 11]))
+
+
+def test_transfer_on_diffusers_dit_to_another_number_of_classes_resizes_every_class_embedder():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                            num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    convert(model, KindConfig(n_learngene=4, n_tailor=8))
+    genes = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("U_g", "s_g", "V_g"))}
+    report = kind_transfer(model, 3)
+    embedders = [m for n, m in model.named_modules() if n.endswith("class_embedder")]
+    assert len(embedders) == 2  # one per block
+    assert all(m.num_classes == 3 and m.embedding_table.num_embeddings == 4 for m in embedders)
+    assert model.config.num_embeds_ada_norm == 3 and model.kind_gate.num_classes == 3
+    assert all(m.embedding_table.weight.requires_grad for m in embedders)
+    assert report["tailor"] == report["tailor_formula"]
+    x, t = torch.randn(4, 4, 8, 8), torch.tensor([10, 500, 20, 30])
+    y = torch.tensor([0, 1, 2, 3])  # 3 = the new null label
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        loss = model(x, timestep=t, class_labels=y).sample.square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(p, genes[n]) for n, p in model.named_parameters() if n in genes)
+    with pytest.raises(UserError, match="outside the gate"):
+        model(x, timestep=t, class_labels=torch.tensor([0, 1, 2, 4]))

@@ -151,6 +151,40 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, diffusion, steps:
 pretrain = fit
 
 
+def _label_embedders(model: nn.Module) -> list[nn.Module]:
+    """diffusers' `LabelEmbedding`s (one per transformer block's AdaLayerNormZero) and look-alikes:
+    a module with an `embedding_table` nn.Embedding and an int `num_classes`."""
+    return [m for m in model.modules() if isinstance(getattr(m, "embedding_table", None), nn.Embedding)
+            and isinstance(getattr(m, "num_classes", None), int)]
+
+
+@torch.no_grad()
+def reset_class_embedders(model: nn.Module, num_classes: int) -> nn.Module:
+    """New, randomly initialised label embeddings for `num_classes` classes (plus the null label), in place.
+
+    transferlab's DiT has `reset_classes`; for diffusers' `DiTTransformer2DModel` every block's class
+    embedder is resized (N(0, 0.02) rows, as DiT initialises them) and `config.num_embeds_ada_norm` updated,
+    so the null label is `num_classes` everywhere.
+    """
+    if hasattr(model, "reset_classes"):
+        model.reset_classes(num_classes)
+        return model
+    embedders = _label_embedders(model)
+    if not embedders:
+        raise UserError(f"{type(model).__name__} has no reset_classes() and no class embedder with an "
+                        "embedding_table; resize its label embedder yourself before transfer")
+    for m in embedders:
+        old = m.embedding_table
+        extra = old.num_embeddings - m.num_classes  # 1 when the embedder has a null (CFG) row
+        m.embedding_table = nn.Embedding(num_classes + extra, old.embedding_dim).to(old.weight.device,
+                                                                                     old.weight.dtype)
+        nn.init.normal_(m.embedding_table.weight, std=0.02)
+        m.num_classes = num_classes
+    if hasattr(model, "register_to_config") and "num_embeds_ada_norm" in getattr(model, "config", {}):
+        model.register_to_config(num_embeds_ada_norm=num_classes)
+    return model
+
+
 def transfer(model: nn.Module, new_classes: int, *, n_tailor: int | None = None, k_active: int | None = None,
              train: tuple[str, ...] = ("label_embed", "final_layer"), train_bias: bool = False,
              tailor_init_scale: float = 1.0, gate: bool | None = None, learngenes: str = "first",
@@ -184,10 +218,7 @@ def transfer(model: nn.Module, new_classes: int, *, n_tailor: int | None = None,
             layer.select_learngenes_by_sigma()
         layer.reset_tailors(n_tailor, scale=tailor_init_scale, generator=generator)
     g.reset(new_classes, n_tailor, k_active=k_active, gate=gate)
-    if hasattr(model, "reset_classes"):
-        model.reset_classes(new_classes)
-    elif new_classes != g.num_classes:
-        raise UserError(f"{type(model).__name__} has no reset_classes(); resize its label embedder yourself")
+    reset_class_embedders(model, new_classes)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in layers.values():

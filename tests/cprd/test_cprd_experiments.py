@@ -8,7 +8,7 @@ import torch
 from transferlab.core.engine import Engine
 from transferlab.core.errors import UserError
 from transferlab.core.registry import get_experiment
-from transferlab.core.results import run_experiment
+from transferlab.core.runner import run_experiment
 from transferlab.cprd.scenes import NAMES, TEMPLATES, WORD, make_scenes, tokenize
 
 TINY = ["train_families=40", "val_families=6", "test_families=10", "item_images=400", "teacher_steps=6",

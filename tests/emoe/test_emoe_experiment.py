@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from transferlab.core.registry import get_experiment
 from transferlab.emoe.experiments import ARMS, EMoEWordnetConfig, emoe_settings
@@ -15,6 +16,13 @@ def test_emoe_wordnet_arms_map_to_settings():
     assert (e.num_experts, e.top_k, e.layers, e.split, e.select, e.gate) == (16, 4, (4,), "balanced-kmeans",
                                                                             "top-k", "avg-k")
     assert emoe_settings(cfg, "random-split").split == "random"
+    # the random grouping is drawn per training seed, and the seed really changes the grouping
+    from transferlab.emoe.cluster import split_permutation
+
+    a, b = emoe_settings(cfg, "random-split", 0), emoe_settings(cfg, "random-split", 1)
+    perm = [split_permutation(torch.zeros(64, 4), 16, c.split, c.seed, 1, 1) for c in (a, b)]
+    assert a.seed != b.seed and not torch.equal(*perm)
+    assert emoe_settings(cfg, "emoe", 0) == emoe_settings(cfg, "emoe", 1)  # clustering stays fixed
     assert emoe_settings(cfg, "bottom-k").select == "bottom-k"
     assert emoe_settings(cfg, "emoe-learn").gate == "learned"
     d = emoe_settings(cfg, "dropout-dense")
@@ -28,7 +36,7 @@ def test_emoe_wordnet_arms_map_to_settings():
 
 @pytest.mark.slow
 def test_emoe_wordnet_tiny_run(tmp_path):
-    from transferlab.core.results import run_experiment
+    from transferlab.core.runner import run_experiment
 
     over = {"arms": ("dense", "emoe", "emoe-reverted", "lora-emoe"), "n_train": 64, "n_val": 20, "n_test": 30,
             "lrs": (1e-4, 3e-4), "lora_lrs": (1e-3,), "max_len": 16, "batch_size": 16}

@@ -30,8 +30,11 @@ def job_env(jobs: int) -> tuple[dict, int]:
     return {**os.environ, "TRANSFERLAB_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}, threads
 
 
-def run_side_by_side(commands: list[tuple[str, list[str], Path]], jobs: int, tag: str) -> list[tuple[str, int, float]]:
-    """Run (label, argv, log file) commands, `jobs` at a time; returns (label, exit code, seconds) each."""
+def run_side_by_side(commands: list[tuple[str, list[str], Path]], jobs: int, tag: str,
+                     module: str = "transferlab") -> list[tuple[str, int, float]]:
+    """Run `python -m module *argv` for each (label, argv, log file), `jobs` at a time.
+
+    Returns (label, exit code, seconds) for each command."""
     env, _ = job_env(jobs)
 
     def one(cmd: tuple[str, list[str], Path]) -> tuple[str, int, float]:
@@ -40,7 +43,7 @@ def run_side_by_side(commands: list[tuple[str, list[str], Path]], jobs: int, tag
         t = time.perf_counter()
         print(f"[{tag}] {label}: started", flush=True)
         with open(log, "w") as fh:
-            rc = subprocess.call([sys.executable, "-m", "transferlab", *argv], stdout=fh, stderr=subprocess.STDOUT,
+            rc = subprocess.call([sys.executable, "-m", module, *argv], stdout=fh, stderr=subprocess.STDOUT,
                                  env=env)
         dt = time.perf_counter() - t
         print(f"[{tag}] {label}: {'done' if rc == 0 else f'FAILED (exit {rc}), see ' + str(log)} in {dt:.0f}s",

@@ -20,22 +20,28 @@ from dataclasses import dataclass
 
 from .errors import UserError
 
-# Modules that register experiments/benchmarks when imported. A method folder that is not
-# present yet is skipped, so the registry never depends on every method being installed.
-EXPERIMENT_MODULES = (
-    "transferlab.examples.fmnist_transfer",
-    "transferlab.emoe.experiments",
-    "transferlab.emoe.bench",
-    "transferlab.emoe.bench_layer",
-    "transferlab.cuber.experiments",
-    "transferlab.cuber.bench",
-    "transferlab.metadmoe.experiments",
-    "transferlab.metadmoe.bench",
-    "transferlab.kind.experiments",
-    "transferlab.kind.bench",
-    "transferlab.cprd.experiments",
-    "transferlab.cprd.bench",
-)
+# Registration is by discovery: every module named `experiments*` or `bench*` in a subpackage of
+# transferlab (and every module of `transferlab.examples`) registers what it defines when imported.
+# A new method folder needs no edit here.
+_REGISTERING_PREFIXES = ("experiments", "bench")
+_NOT_METHODS = {"core", "data", "nn"}
+
+
+def registering_modules() -> list[str]:
+    """Dotted names of the modules that register experiments and benchmarks, in a stable order."""
+    import pkgutil
+
+    import transferlab
+
+    names = []
+    for pkg in sorted(pkgutil.iter_modules(transferlab.__path__), key=lambda m: m.name):
+        if not pkg.ispkg or pkg.name in _NOT_METHODS:
+            continue
+        sub = importlib.import_module(f"transferlab.{pkg.name}")
+        for mod in sorted(pkgutil.iter_modules(sub.__path__), key=lambda m: m.name):
+            if pkg.name == "examples" or mod.name.startswith(_REGISTERING_PREFIXES):
+                names.append(f"transferlab.{pkg.name}.{mod.name}")
+    return names
 
 
 @dataclass(frozen=True)
@@ -48,10 +54,22 @@ class Experiment:
     description: str
     profiles: dict
     plot: Callable | None = None  # (rows, cfg, out_dir) -> list of PNG paths
+    method: str | None = None  # the arm that is the method under test (default: first non-reference arm)
+    headline: tuple[str, ...] = ()  # metrics of the main table (default: the first three of `metrics`)
+    cpu_minutes: dict | None = None  # estimated single-machine CPU minutes per profile, for `transferlab list`
 
     @property
     def primary_metric(self) -> str:
         return self.metrics[0]
+
+    @property
+    def headline_metrics(self) -> tuple[str, ...]:
+        return self.headline or self.metrics[:3]
+
+    def method_arm(self, arms) -> str | None:
+        if self.method is not None and self.method in arms:
+            return self.method
+        return next((a for a in arms if a != self.reference), None)
 
     def make_config(self, profile: str = "quick", overrides: list[str] | dict | None = None):
         """The profile's config with the user's overrides on top, applied and validated in one step."""
@@ -76,7 +94,8 @@ _BENCHMARKS: dict[str, Benchmark] = {}
 _loaded = False
 
 
-def register_experiment(name, *, config, reference, metrics, description, profiles, plot=None):
+def register_experiment(name, *, config, reference, metrics, description, profiles, plot=None, method=None,
+                        headline=(), cpu_minutes=None):
     names = {f.name for f in dataclasses.fields(config)}
     missing = {"arms", "seeds"} - names
     if missing:
@@ -87,7 +106,8 @@ def register_experiment(name, *, config, reference, metrics, description, profil
     def deco(fn):
         if name in _EXPERIMENTS and _EXPERIMENTS[name].fn.__qualname__ != fn.__qualname__:
             raise TypeError(f"experiment name {name!r} is registered twice")
-        _EXPERIMENTS[name] = Experiment(name, fn, config, reference, tuple(metrics), description, profiles, plot)
+        _EXPERIMENTS[name] = Experiment(name, fn, config, reference, tuple(metrics), description, profiles, plot,
+                                        method, tuple(headline), cpu_minutes)
         return fn
 
     return deco
@@ -105,13 +125,8 @@ def _load_all() -> None:
     global _loaded
     if _loaded:
         return
-    for mod in EXPERIMENT_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            # Only skip when the module itself is absent, not when it fails to import a dependency.
-            if e.name is None or not mod.startswith(e.name):
-                raise
+    for mod in registering_modules():
+        importlib.import_module(mod)
     _loaded = True
 
 

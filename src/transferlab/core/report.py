@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from pathlib import Path
 
 from .io import atomic_write_text
@@ -95,39 +96,103 @@ def bar_plot(summary: list[dict], metric: str, path: Path, title: str) -> Path:
     return path
 
 
-def write_experiment_report(out_dir: Path) -> str | None:
-    """Write table.md, table.csv and plots for one experiment folder; returns the Markdown section."""
-    out_dir = Path(out_dir)
-    rows, latest = latest_rows(out_dir)
+def choices_markdown(rows: list[dict], arms) -> str:
+    """What `choose_on_validation` picked, per arm: each choice's chosen values and how many seeds chose them."""
+    picks: dict[tuple[str, str], dict[str, int]] = {}
+    candidates: dict[str, list] = {}
+    for r in rows:
+        for name, c in (r.get("choices") or {}).items():
+            counts = picks.setdefault((r["arm"], name), {})
+            counts[str(c["chosen"])] = counts.get(str(c["chosen"]), 0) + 1
+            candidates.setdefault(name, c["candidates"])
+    if not picks:
+        return ""
+    lines = ["Chosen on validation (value: seeds):", ""]
+    for arm in arms:
+        for name in candidates:
+            if (arm, name) in picks:
+                counts = ", ".join(f"{v}: {n}" for v, n in sorted(picks[(arm, name)].items()))
+                lines.append(f"- `{arm}` {name} from {candidates[name]}: {counts}")
+    return "\n".join(lines) + "\n"
+
+
+def render_experiment(out_dir: Path) -> dict | None:
+    """The tables of one experiment folder, computed from its results.jsonl and latest.json (no files written).
+
+    Returns None for a folder without results, else a dict with the Markdown `table` (headline metrics),
+    `full_table` (every declared metric), `csv`, `choices`, the `summary` rows and the `latest` config.
+    """
+    rows, latest = latest_rows(Path(out_dir))
     if not rows:
         return None
-    exp = get_experiment(out_dir.name)
+    exp = get_experiment(Path(out_dir).name)
     arms = latest["config"]["arms"]
     summary = summarize(rows, arms, exp.reference, exp.metrics)
-    md = table_markdown(summary, exp.metrics, exp.reference)
-    atomic_write_text(out_dir / "table.md", md)
-    atomic_write_text(out_dir / "table.csv", table_csv(summary, exp.metrics))
+    return {"exp": exp, "rows": rows, "latest": latest, "summary": summary,
+            "table": table_markdown(summary, exp.headline_metrics, exp.reference),
+            "full_table": table_markdown(summary, exp.metrics, exp.reference),
+            "csv": table_csv(summary, exp.metrics), "choices": choices_markdown(rows, arms)}
+
+
+def headline(r: dict) -> dict:
+    """The one-line summary of an experiment: method arm minus reference arm on the primary metric."""
+    exp, summary = r["exp"], r["summary"]
+    arms = [e["arm"] for e in summary]
+    method = exp.method_arm(arms)
+    entry = next((e for e in summary if e["arm"] == method), None)
+    diff = None if entry is None else entry["Δ" + exp.primary_metric]
+    return {"experiment": exp.name, "profile": r["latest"]["profile"], "reference": exp.reference, "method": method,
+            "metric": exp.primary_metric, "diff": diff, "n": 0 if diff is None else diff[2]}
+
+
+def summary_markdown(heads: list[dict]) -> str:
+    lines = ["| experiment | profile | method − reference | metric | paired Δ (95% CI) | seeds |",
+             "|---|---|---|---|---|---|"]
+    for h in heads:
+        smoke = " (smoke run)" if h["profile"] == "quick" else ""
+        diff = "–" if h["diff"] is None else fmt_ci(*h["diff"][:2])
+        lines.append(f"| [{h['experiment']}](#{h['experiment']}) | `{h['profile']}`{smoke} | "
+                     f"`{h['method']}` − `{h['reference']}` | {h['metric']} | {diff} | {h['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_experiment_report(out_dir: Path) -> str | None:
+    """Write table.md, table.csv, section.md and plots for one experiment folder; returns the section."""
+    out_dir = Path(out_dir)
+    r = render_experiment(out_dir)
+    if r is None:
+        return None
+    exp, latest, summary = r["exp"], r["latest"], r["summary"]
+    atomic_write_text(out_dir / "table.md", r["table"])
+    atomic_write_text(out_dir / "table.csv", r["csv"])
     seeds = max(e["n"] for e in summary)
     bar_plot(summary, exp.primary_metric, out_dir / "metric.png",
              f"{exp.name} ({latest['profile']}, {seeds} seed(s)): {exp.primary_metric}, 95% CI")
     if exp.plot is not None:
-        exp.plot(rows, latest["config"], out_dir)
+        exp.plot(r["rows"], latest["config"], out_dir)
     header = (f"## {exp.name}\n\n{exp.description}\n\nProfile `{latest['profile']}`, config `{latest['config_hash']}`, "
               f"mean ± 95% CI over seeds; Δ = paired difference to `{exp.reference}`.\n\n")
     notes = out_dir / "notes.md"  # an experiment may write its own caveats (e.g. "samples not meaningful")
-    section = header + md + ("\n" + notes.read_text() if notes.exists() else "")
+    full = ("" if r["full_table"] == r["table"]
+            else f"\n<details><summary>all metrics</summary>\n\n{r['full_table']}\n</details>\n")
+    section = (header + r["table"] + full + ("\n" + r["choices"] if r["choices"] else "")
+               + ("\n" + notes.read_text() if notes.exists() else ""))
     atomic_write_text(out_dir / "section.md", section)
     return section
 
 
+SMOKE_NOTE = ("Rows from the `quick` profile are smoke runs (tiny data, few seeds): they show that an experiment "
+              "runs end to end, not whether the method works. The reported results are the `cpu` profiles "
+              "published under docs/results/.")
+
+
 def write_report(out: str | Path = "results") -> tuple[Path, Path]:
-    """Collect every experiment folder under `out` into report.md and a self-contained report.html."""
+    """Collect every experiment folder under `out` into report.md and a self-contained report.html.
+
+    Both open with a one-screen summary (method − reference on each primary metric) and a table of
+    contents; each section shows the headline metrics, with every declared metric in a folded block."""
     out = Path(out)
-    md_parts = ["# transferlab report\n"]
-    html_parts = ["<!doctype html><html><head><meta charset='utf-8'><title>transferlab report</title>",
-                  "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-                  "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
-                  "img{max-width:100%;margin:6px 0}</style></head><body><h1>transferlab report</h1>"]
+    sections, heads = [], []
     for name in experiments():
         d = out / name
         if not d.is_dir():
@@ -135,21 +200,44 @@ def write_report(out: str | Path = "results") -> tuple[Path, Path]:
         section = write_experiment_report(d)
         if section is None:
             continue
-        pngs = sorted(d.glob("*.png"))
-        md_parts.append(section + "\n" + "".join(f"![{p.stem}]({name}/{p.name})\n" for p in pngs))
-        html_parts.append(_md_to_html(section))
+        heads.append(headline(render_experiment(d)))
+        sections.append((name, section, sorted(d.glob("*.png"))))
+    summary = summary_markdown(heads)
+    md_parts = ["# transferlab report\n", SMOKE_NOTE + "\n", "## Summary\n", summary]
+    md_parts += [section + "\n" + "".join(f"![{p.stem}]({name}/{p.name})\n" for p in pngs)
+                 for name, section, pngs in sections]
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;display:block;overflow-x:auto;max-width:100%}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}"
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%;height:auto;margin:6px 0}"
+             "nav li{margin:2px 0}.note{background:#f6f6e8;padding:6px 10px;border-left:4px solid #cc9}")
+    html_parts = ["<!doctype html><html><head><meta charset='utf-8'><title>transferlab report</title>",
+                  f"<style>{style}</style></head><body><h1>transferlab report</h1>",
+                  f"<p class='note'>{html.escape(SMOKE_NOTE)}</p><h2>Summary</h2>", _md_to_html(summary),
+                  "<nav><h2>Contents</h2><ul>" + "".join(f"<li><a href='#{n}'>{html.escape(n)}</a></li>"
+                                                         for n, _, _ in sections) + "</ul></nav>"]
+    for name, section, pngs in sections:
+        html_parts.append(f"<section id='{html.escape(name)}'>" + _md_to_html(section))
         for p in pngs:
             data = base64.b64encode(p.read_bytes()).decode()
             html_parts.append(f"<figure><img alt='{html.escape(p.stem)}' src='data:image/png;base64,{data}'>"
                               f"<figcaption>{html.escape(p.name)}</figcaption></figure>")
+        html_parts.append("</section>")
     html_parts.append("</body></html>")
     md_path = atomic_write_text(out / "report.md", "\n".join(md_parts))
     html_path = atomic_write_text(out / "report.html", "\n".join(html_parts))
     return md_path, html_path
 
 
+def _inline(text: str) -> str:
+    """Escaped text with `code` and [links](#anchors) rendered."""
+    t = html.escape(text)
+    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r"<a href='\2'>\1</a>", t)
+
+
 def _md_to_html(md: str) -> str:
-    """Just enough Markdown for our sections: headings, tables, paragraphs, lists."""
+    """Just enough Markdown for our sections: headings, tables, paragraphs, lists, folded blocks."""
     out, table = [], []
 
     def flush():
@@ -157,7 +245,7 @@ def _md_to_html(md: str) -> str:
             rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
             cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
             t = "<table>" + "".join(
-                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>"
+                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{_inline(c)}</{'th' if i == 0 else 'td'}>"
                                  for c in row) + "</tr>" for i, row in enumerate(cells)) + "</table>"
             out.append(t)
             table.clear()
@@ -167,12 +255,14 @@ def _md_to_html(md: str) -> str:
             table.append(line)
             continue
         flush()
-        if line.startswith("#"):
+        if line.startswith(("<details>", "</details>")):
+            out.append(line)  # our own folded blocks pass through
+        elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
         elif line.startswith("- "):
-            out.append(f"<li>{html.escape(line[2:])}</li>")
+            out.append(f"<li>{_inline(line[2:])}</li>")
         elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
+            out.append(f"<p>{_inline(line)}</p>")
     flush()
     return "\n".join(out)

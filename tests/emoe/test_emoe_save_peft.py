@@ -29,31 +29,56 @@ def _bert():
 IDS = torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(4))
 
 
-def test_emoe_save_load_identical_outputs(tmp_path):
-    model = convert(_bert(), EMoEConfig(num_experts=8, top_k=2, layers="all", kmeans_n_init=1)).eval()
+@pytest.mark.parametrize("gate", ["avg-k", "learned"])
+def test_emoe_save_load_identical_outputs(tmp_path, gate):
+    model = convert(_bert(), EMoEConfig(num_experts=8, top_k=2, layers="all", kmeans_n_init=1, gate=gate)).eval()
     with torch.no_grad():  # "fine-tune" a little so the saved weights differ from the init
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
         ref = model(input_ids=IDS).last_hidden_state
-    save_pretrained(model, tmp_path)
+    assert save_pretrained(model, tmp_path) == tmp_path
     assert len(emoe_layers(model)) == 2  # still converted after saving
-    blob = json.loads((tmp_path / "emoe_config.json").read_text())
-    assert blob["config"]["num_experts"] == 8 and set(blob["permutations"]) == {"0", "1"}
-    loaded = from_pretrained(tmp_path, transformers.BertModel).eval()
+    blob = json.loads((tmp_path / "transferlab_config.json").read_text())
+    assert blob["method"] == "emoe" and blob["version"] == 1 and set(blob["permutations"]) == {"0", "1"}
+    assert EMoEConfig.from_dict(blob["config"]) == emoe_config(model)[0]
+    base = _bert()
+    loaded = from_pretrained(tmp_path, base).eval()
+    assert loaded is base
     with torch.no_grad():
         out = loaded(input_ids=IDS).last_hidden_state
     assert torch.equal(out, ref)
     assert emoe_config(loaded)[1] == emoe_config(model)[1]
-    # the saved checkpoint itself is an ordinary dense model (EMoE2Dense serving)
-    dense = transformers.BertModel.from_pretrained(tmp_path)
-    assert torch.equal(dense.state_dict()["encoder.layer.0.intermediate.dense.weight"],
+    # the file's FFN tensors are in the dense neuron order (EMoE2Dense serving)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(saved["encoder.layer.0.intermediate.dense.weight"],
                        revert(loaded).state_dict()["encoder.layer.0.intermediate.dense.weight"])
 
 
-def test_emoe_from_pretrained_without_config_errors(tmp_path):
-    _bert().save_pretrained(tmp_path)
-    with pytest.raises(UserError, match="emoe_config.json"):
-        from_pretrained(tmp_path, transformers.BertModel)
+def test_emoe_config_round_trip_and_unknown_keys():
+    cfg = EMoEConfig(num_experts=8, top_k=2, layers=(1, -1), capacity_factor=1.5, gate_noise=1.0,
+                     aux_loss_weight=0.01)
+    assert EMoEConfig.from_dict(cfg.to_dict()) == cfg
+    assert EMoEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(UserError, match="unknown keys"):
+        EMoEConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_emoe_from_pretrained_wrong_folder_errors(tmp_path):
+    with pytest.raises(UserError, match="transferlab_config.json"):
+        from_pretrained(tmp_path, _bert())
+    (tmp_path / "transferlab_config.json").write_text(json.dumps({"method": "kind", "version": 1, "config": {}}))
+    with pytest.raises(UserError, match="not EMoE"):
+        from_pretrained(tmp_path, _bert())
+
+
+def test_emoe_deprecated_aliases_warn():
+    import transferlab.emoe as emoe
+
+    with pytest.warns(DeprecationWarning, match="use transferlab.emoe.convert"):
+        assert emoe.convert_to_emoe is convert
+    assert "convert_to_emoe" not in emoe.__all__ and "check_backbone" not in emoe.__all__
 
 
 def test_emoe_with_peft_lora_on_attention():

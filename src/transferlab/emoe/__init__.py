@@ -3,31 +3,39 @@
     from transferlab.emoe import EMoEConfig, convert, revert
     model = convert(model, EMoEConfig(num_experts=16, top_k=4, layers=[-2]))   # in place
     ...fine-tune as usual...
-    revert(model)   # a dense model again (the paper's EMoE2Dense serving path)
+    save_pretrained(model, "out")    # transferlab_config.json + model.safetensors
+    revert(model)   # a dense model again (the paper's EMoE2Dense serving path), in place
 """
 
+import warnings
+
 from .adapters import Adapter, register_adapter, supported_architectures
-from .cluster import balanced_kmeans, mean_cosine_to_centroid, split_permutation
+from .cluster import balanced_kmeans, mean_cosine_to_centroid
 from .config import EMoEConfig
 from .layer import EMoEMixin, avg_k_gate
 from .model import (
-    apply_saved,
     aux_loss,
     convert,
     emoe_config,
     emoe_layers,
     expert_load,
-    ffn_hosts,
     from_pretrained,
     is_converted,
     revert,
     save_pretrained,
 )
 
-convert_to_emoe = convert
-revert_emoe = revert
+__all__ = ["EMoEConfig", "convert", "revert", "save_pretrained", "from_pretrained", "is_converted",
+           "emoe_layers", "emoe_config", "aux_loss", "expert_load", "avg_k_gate", "balanced_kmeans",
+           "mean_cosine_to_centroid", "Adapter", "EMoEMixin", "register_adapter", "supported_architectures"]
 
-__all__ = ["EMoEConfig", "convert", "revert", "convert_to_emoe", "revert_emoe", "Adapter", "register_adapter",
-           "supported_architectures", "balanced_kmeans", "mean_cosine_to_centroid", "split_permutation",
-           "EMoEMixin", "avg_k_gate", "aux_loss", "emoe_config", "emoe_layers", "expert_load", "ffn_hosts",
-           "from_pretrained", "apply_saved", "is_converted", "save_pretrained"]
+_DEPRECATED = {"convert_to_emoe": ("convert", convert), "revert_emoe": ("revert", revert)}
+
+
+def __getattr__(name):
+    if name in _DEPRECATED:
+        new, fn = _DEPRECATED[name]
+        warnings.warn(f"transferlab.emoe.{name} is deprecated; use transferlab.emoe.{new}", DeprecationWarning,
+                      stacklevel=2)
+        return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,14 @@ and a mixin whose forward routes through the experts. convert() swaps the host's
 subclass of (mixin, original class), so the module keeps its Parameters and state_dict keys and
 revert() simply restores the class.
 
-Register your own with `register_adapter(Adapter(...))`; see the README section "Other models".
+Register your own with `register_adapter(Adapter(...))`; docs/emoe.md, section "Other architectures",
+walks through one.
+
+Supported transformers layouts: BERT/RoBERTa `BertLayer`/`RobertaLayer`, GPT-2 `GPT2MLP`, gated
+`LlamaMLP`/`Qwen2MLP`/`MistralMLP` in every transformers release the package admits (>= 4.40), and ViT
+as `ViTMLP` (fc1/fc2, transformers >= 5). transformers 4.x splits ViT's FFN over `ViTIntermediate` and
+`ViTOutput`, whose residual add sits inside the FFN's second half; that layout is refused with a
+message (`refusal_for`) rather than converted.
 """
 
 from __future__ import annotations
@@ -55,7 +62,26 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 
 def adapter_for(module: nn.Module) -> Adapter | None:
-    return _ADAPTERS.get(type(module).__name__)
+    """The adapter of an FFN host, converted (looked up by its original class) or not."""
+    st = getattr(module, "emoe_state", None)
+    cls = st.original_class if st is not None else type(module)
+    return _ADAPTERS.get(cls.__name__)
+
+
+# module class names of layouts EMoE recognises but refuses, with the fix
+_REFUSED = {
+    "ViTIntermediate": "this transformers version (4.x) splits ViT's FFN over ViTIntermediate and ViTOutput, "
+                       "which EMoE does not convert; install transformers >= 5 (ViT's FFN is one ViTMLP there)",
+}
+
+
+def refusal_for(model: nn.Module) -> str | None:
+    """The reason a recognised-but-unsupported FFN layout in `model` is refused, or None."""
+    for m in model.modules():
+        why = _REFUSED.get(type(m).__name__)
+        if why is not None:
+            return why
+    return None
 
 
 def supported_architectures() -> dict[str, tuple[str, ...]]:

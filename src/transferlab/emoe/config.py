@@ -9,7 +9,6 @@ live keys. Everything else is an ablation or a control and is off by default.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
 from ..core.config import field
@@ -41,7 +40,7 @@ class EMoEConfig:
     layers: tuple[int, ...] | str = field(
         (-2,), "FFN layers to convert: indices into the model's FFN list (negative counts from the end) or 'all'")
     gate: str = field("avg-k", "avg-k: frozen mean-of-keys gate, weight 1 (paper); learned: EMoE-learn ablation "
-                      "(cosine router, softmax weights; reconstructed, see layer.py)")
+                      "(Tutel's cosine router, random init, top-k softmax weights renormalised to sum 1)")
     split: str = field("balanced-kmeans", "how neurons are grouped: balanced-kmeans (paper), random or "
                        "contiguous (controls: no emergent structure)")
     select: str = field("top-k", "top-k (paper) or bottom-k (negative control: the least activated experts)")
@@ -52,12 +51,13 @@ class EMoEConfig:
     kmeans_max_iter: int = field(60, "Lloyd iterations per restart (stops early when labels are stable)")
     impl: str = field("auto", "execution path passed to kernels.expert_ffn ('auto', 'masked', ...)")
     # --- official-code extras: confound the comparison with dense, all off by default ---
-    aux_loss_weight: float = field(0.0, "Tutel load+importance balance loss weight (official 0.01); "
+    aux_loss_weight: float = field(0.0, "Tutel load_importance_loss weight (official 0.01; needs gate_noise > 0); "
                                    "add `emoe.aux_loss(model)` to your loss. CONFOUND: off by default")
     gate_noise: float = field(0.0, "training-time gate noise N(0,1)*gate_noise/N (official 1.0). "
                               "CONFOUND: off by default")
     capacity_factor: float | None = field(None, "None = dropless; 1.5 = Tutel: capacity per expert "
-                                          "k*floor(cf*ceil(T/N)), overflow token-expert pairs dropped. CONFOUND")
+                                          "k*floor(cf*ceil(T/N)), batch-prioritised (first choices before second "
+                                          "choices, tokens by best score); overflow pairs dropped. CONFOUND")
     expert_dropout: float = field(0.0, "extra dropout on expert activations (official 0.1). CONFOUND: the "
                                   "dense baseline has none; use the dense+dropout control")
     expert_dropout_position: str = field("pre", "pre = dropout before the activation (BERT/GPT-2 official), "
@@ -92,22 +92,22 @@ class EMoEConfig:
             raise UserError(f"EMoEConfig.expert_dropout={self.expert_dropout} must lie in [0, 1)")
         if self.gate_noise < 0 or self.aux_loss_weight < 0:
             raise UserError("EMoEConfig.gate_noise and aux_loss_weight must be >= 0")
+        if self.aux_loss_weight > 0 and self.gate_noise == 0:
+            raise UserError("EMoEConfig.aux_loss_weight > 0 needs gate_noise > 0: Tutel's load loss is smoothed by "
+                            "the gate noise (official: gate_noise=1.0)")
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
+        """JSON-ready dict of every field (layers as a list or 'all')."""
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers) if isinstance(self.layers, tuple) else self.layers
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> EMoEConfig:
+    def from_dict(cls, d: dict) -> EMoEConfig:
+        """Inverse of to_dict; unknown keys are refused."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise UserError(f"emoe_config.json has unknown keys {sorted(unknown)}; was it written by a newer version?")
-        d = dict(d)
-        if isinstance(d.get("layers"), list):
-            d["layers"] = tuple(d["layers"])
-        return cls(**d)
-
-    def dumps(self) -> str:
-        return json.dumps(self.to_json(), sort_keys=True)
+            raise UserError(f"EMoEConfig.from_dict: unknown keys {sorted(unknown)}; was it written by a newer "
+                            "transferlab? Upgrade, or remove those keys")
+        return cls(**d)  # __post_init__ turns a layers list into a tuple

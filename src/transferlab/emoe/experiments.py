@@ -79,12 +79,13 @@ class EMoEWordnetConfig:
             raise UserError("epochs, batch_size and n_train must be at least 1")
 
 
-def emoe_settings(cfg: EMoEWordnetConfig, arm: str) -> EMoEConfig | None:
+def emoe_settings(cfg: EMoEWordnetConfig, arm: str, seed: int = 0) -> EMoEConfig | None:
+    """The EMoE conversion of an arm for training seed `seed` (random-split draws its grouping per seed)."""
     base = dict(num_experts=cfg.num_experts, top_k=cfg.top_k, layers=tuple(cfg.layers))
     return {
         "dense": None, "lora": None,
         "emoe": EMoEConfig(**base), "emoe-reverted": EMoEConfig(**base), "lora-emoe": EMoEConfig(**base),
-        "random-split": EMoEConfig(**base, split="random"),
+        "random-split": EMoEConfig(**base, split="random", seed=seed),
         "bottom-k": EMoEConfig(**base, select="bottom-k"),
         "emoe-learn": EMoEConfig(**base, gate="learned"),
         # k == N keeps the dense function; only the official extra dropout is added
@@ -140,7 +141,7 @@ def build_model(cfg: EMoEWordnetConfig, arm: str, seed: int) -> SentenceClassifi
     encoder = AutoModel.from_pretrained(minilm_path(cfg.model_path))
     torch.manual_seed(seed)  # the same head init in every arm of a seed
     model = SentenceClassifier(encoder, 39)
-    emoe = emoe_settings(cfg, arm)
+    emoe = emoe_settings(cfg, arm, seed)
     if emoe is not None:
         convert(model.encoder, emoe)
     if arm.startswith("lora"):
@@ -245,7 +246,7 @@ def _arm_runs(cfg, arm: str, seed: int, engine) -> dict:
             _, perms = emoe_config(model.encoder)
             revert(model.encoder)
             res.update({f"reverted_{k}": v for k, v in _eval_all(model, cfg, data, engine.device, engine).items()})
-            convert(model.encoder, emoe_settings(cfg, "emoe"), permutations=perms)
+            convert(model.encoder, emoe_settings(cfg, "emoe", seed), permutations=perms)
         runs[lr] = res
         engine.save_checkpoint({"runs": runs})
     if train_arm == "emoe" and shared is not None and engine.is_main:

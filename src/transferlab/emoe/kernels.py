@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ..core.errors import UserError
+from .routing import Act, Routing, act_backward, act_forward, needs_grad, route
 
 IMPLS = ("auto", "masked", "gather", "grouped_mm", "triton")
 
@@ -62,67 +62,6 @@ def masked_expert_ffn(x, w_in, b_in, w_out, expert_idx, num_experts: int, activa
 
 
 # ----------------------------------------------------------------------------------------------
-# Routing: sort (token, expert) pairs by expert.
-
-
-class Routing(NamedTuple):
-    """The T*k (token, slot) pairs sorted by expert (stable, so tokens stay in order inside a segment).
-
-    order[r]: flat position t*k + j of sorted row r; tok[r] = order[r] // k: the token it reads;
-    sorted_expert[r]: its expert; counts[e]: rows of expert e (segments are contiguous, in expert order).
-    """
-
-    order: torch.Tensor
-    tok: torch.Tensor
-    sorted_expert: torch.Tensor
-    counts: torch.Tensor
-
-
-def route(expert_idx: torch.Tensor, num_experts: int) -> Routing:
-    flat = expert_idx.reshape(-1)
-    sorted_expert, order = torch.sort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    return Routing(order, order // expert_idx.shape[1], sorted_expert, counts)
-
-
-class _Act(NamedTuple):
-    """An expert's activations a = act(up) (or act(gate) * up) and, when gradients are needed, the leaves
-    of the small autograd graph that produced them."""
-
-    a: torch.Tensor
-    up: torch.Tensor | None
-    gate: torch.Tensor | None
-
-
-def act_forward(activation: Callable, up: torch.Tensor, gate: torch.Tensor | None, keep: bool) -> _Act:
-    """Apply the activation; with keep=True record its graph so backward replays *this* forward.
-
-    Recomputing the activation in backward would be cheaper, but the EMoE layer passes stochastic
-    activations (the official expert dropout): a recomputation draws a new mask and the gradient would
-    belong to a different function.
-    """
-    if not keep:
-        return _Act(activation(up) if gate is None else activation(gate) * up, None, None)
-    with torch.enable_grad():
-        pu = up.detach().requires_grad_(True)
-        pg = gate.detach().requires_grad_(True) if gate is not None else None
-        pre = pu if pg is None else pg
-        try:
-            h = activation(pre)
-        except RuntimeError:  # an in-place activation (ReLU(inplace=True)) refuses a leaf: give it a copy
-            h = activation(pre.clone())
-        a = h if pg is None else h * pu
-    return _Act(a, pu, pg)
-
-
-def act_backward(saved: _Act, grad_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad wrt up, grad wrt gate or None) from the recorded activation graph."""
-    leaves = [saved.up] if saved.gate is None else [saved.up, saved.gate]
-    grads = torch.autograd.grad(saved.a, leaves, grad_a)
-    return grads[0], (grads[1] if saved.gate is not None else None)
-
-
-# ----------------------------------------------------------------------------------------------
 # "gather": per-expert matmuls on contiguous segments, custom backward.
 
 
@@ -138,7 +77,7 @@ class _GatherExpertFFN(torch.autograd.Function):
     def forward(ctx, x, w_in, b_in, w_out, w_gate, tok, counts, m, activation, keep):
         T, d = x.shape
         out = x.new_zeros(T, d)
-        acts: list[_Act | None] = []
+        acts: list[Act | None] = []
         # one workspace for the gathered rows and the expert outputs, reused by every expert (~5% faster
         # than fresh tensors); pre-activations get their own buffer only when backward needs them
         cmax = max(counts, default=0)
@@ -206,15 +145,11 @@ class _GatherExpertFFN(torch.autograd.Function):
         return g_x, g_win, g_b, g_wout, g_gate, None, None, None, None, None
 
 
-def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
-
-
 def gather_expert_ffn(x, w_in, b_in, w_out, expert_idx, num_experts: int, activation: Callable,
                       w_glu_gate=None, routing: Routing | None = None) -> torch.Tensor:
     rt = routing if routing is not None else route(expert_idx, num_experts)
     counts = rt.counts.tolist()  # host sync on CUDA; the per-expert loop needs the segment sizes
-    keep = _needs_grad(x, w_in, b_in, w_out, w_glu_gate)
+    keep = needs_grad(x, w_in, b_in, w_out, w_glu_gate)
     return _GatherExpertFFN.apply(x, w_in, b_in, w_out, w_glu_gate, rt.tok, counts,
                                   w_in.shape[0] // num_experts, activation, keep)
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import _needs_grad, act_backward, act_forward, route
+from .routing import act_backward, act_forward, needs_grad, route
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
 
@@ -241,5 +241,5 @@ class _TritonExpertFFN(torch.autograd.Function):
 
 
 def triton_expert_ffn(x, w_in, b_in, w_out, expert_idx, num_experts, activation, w_glu_gate=None):
-    keep = _needs_grad(x, w_in, b_in, w_out, w_glu_gate)
+    keep = needs_grad(x, w_in, b_in, w_out, w_glu_gate)
     return _TritonExpertFFN.apply(x, w_in, b_in, w_out, w_glu_gate, expert_idx, num_experts, activation, keep)

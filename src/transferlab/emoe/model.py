@@ -9,21 +9,22 @@ restores the class, so revert(convert(m)) gives back the state_dict bit for bit.
 
 from __future__ import annotations
 
-import math
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core.errors import UserError
-from ..core.io import atomic_torch_save, atomic_write_json
-from .adapters import adapter_for, check_no_lora, emoe_class, supported_architectures
+from ..core.io import atomic_write_bytes, atomic_write_json
+from .adapters import adapter_for, check_no_lora, emoe_class, refusal_for, supported_architectures
 from .cluster import split_permutation
 from .config import EMoEConfig
-from .layer import EMoEState, avg_k_gate
+from .layer import CosineRouter, EMoEState
 
-CONFIG_FILE = "emoe_config.json"
-ROUTER_FILE = "emoe_router.pt"
+CONFIG_FILE = "transferlab_config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
 
 
 def ffn_hosts(model: nn.Module) -> list[nn.Module]:
@@ -72,7 +73,7 @@ def _permute(params: list[tuple[nn.Parameter | None, int]], perm: torch.Tensor) 
 def convert(model: nn.Module, config: EMoEConfig | None = None, *, permutations: dict | None = None) -> nn.Module:
     """Convert the chosen dense FFNs of `model` into EMoE layers, in place; returns `model`.
 
-    permutations: optional {layer index: neuron order} (e.g. from emoe_config.json) used instead of
+    permutations: optional {layer index: neuron order} (e.g. from `read_saved`) used instead of
     clustering. Create the optimizer after convert (the FFN tensors are re-laid-out).
     """
     config = config or EMoEConfig()
@@ -81,6 +82,9 @@ def convert(model: nn.Module, config: EMoEConfig | None = None, *, permutations:
     if is_converted(model):
         raise UserError("this model is already EMoE-converted; call transferlab.emoe.revert(model) first "
                         "to convert it again with other settings")
+    why = refusal_for(model)
+    if why is not None:
+        raise UserError(why)
     hosts = ffn_hosts(model)
     if not hosts:
         raise _unsupported(model)
@@ -118,9 +122,8 @@ def convert(model: nn.Module, config: EMoEConfig | None = None, *, permutations:
         host.__class__ = emoe_class(original, adapter.mixin)
         host.emoe_state = EMoEState(config, i, adapter.name, perm.cpu(), original)
         if config.gate == "learned":
-            key = adapter.key(host, config)
-            host.emoe_router = nn.Parameter(avg_k_gate(key, config.num_experts).to(key.dtype))
-            host.emoe_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=key.device))
+            key = adapter.key(host, config)  # random init from the global RNG (seed it for reproducibility)
+            host.emoe_router = CosineRouter(key.shape[1], config.num_experts).to(key.device)
     return model
 
 
@@ -135,9 +138,7 @@ def revert(model: nn.Module) -> nn.Module:
         host.__class__ = st.original_class
         adapter = adapter_for(host)
         _permute(adapter.permuted(host), torch.argsort(st.perm))
-        for name in ("emoe_router", "emoe_logit_scale"):
-            if name in host._parameters:
-                del host._parameters[name]
+        host._modules.pop("emoe_router", None)
         del host.emoe_state
     return model
 
@@ -174,61 +175,84 @@ def expert_load(model: nn.Module, reset: bool = False, track: bool | None = None
     return out
 
 
-def save_pretrained(model: nn.Module, path, **kwargs) -> Path:
-    """Save a converted Hugging Face model as: dense weights (save_pretrained) + emoe_config.json.
+def save_pretrained(model: nn.Module, directory) -> Path:
+    """Write a converted model to `directory`: transferlab_config.json + model.safetensors.
 
-    The model is reverted for saving and re-converted with the same permutations afterwards, so
-    the saved checkpoint is an ordinary dense model any tool can load ("EMoE2Dense").
+    transferlab_config.json = {"method": "emoe", "version": 1, "config": EMoEConfig.to_dict(),
+    "permutations": {layer: neuron order}}. model.safetensors holds the state_dict in the *dense* neuron
+    order, plus the learned router's tensors under
+    `<host>.emoe_router.*` for EMoE-learn: every other tensor is exactly the dense model's, so the file
+    also serves the paper's EMoE2Dense path. Tensors are made contiguous; tied tensors are stored once
+    (the aliases are listed in the file's metadata).
     """
-    path = Path(path)
-    if not hasattr(model, "save_pretrained"):
-        raise UserError("save_pretrained needs a Hugging Face model (with .save_pretrained); for other models "
-                        "save revert(model).state_dict() and emoe_config(model)")
+    from safetensors.torch import save as st_save
+
+    path = Path(directory)
     cfg, perms = emoe_config(model)
-    routers = {h.emoe_state.index: {"router": h.emoe_router.detach().cpu(),
-                                    "logit_scale": h.emoe_logit_scale.detach().cpu()}
-               for h in emoe_layers(model) if cfg.gate == "learned"}
-    revert(model)
-    try:
-        model.save_pretrained(path, **kwargs)
-    finally:
-        convert(model, cfg, permutations=perms)
-        _restore_routers(model, routers)
-    if routers:
-        atomic_torch_save(routers, path / ROUTER_FILE)
-    atomic_write_json(path / CONFIG_FILE, {"format": 1, "config": cfg.to_json(),
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    for h in emoe_layers(model):  # un-permute the FFN tensors: the file holds the dense neuron order
+        inverse = torch.argsort(h.emoe_state.perm)
+        for p, axis in adapter_for(h).permuted(h):
+            if p is not None:
+                state[names[id(p)]] = p.detach().index_select(axis, inverse.to(p.device))
+    tensors, aliases, seen = {}, {}, {}
+    for k, v in state.items():
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        if v.numel() and ident in seen:
+            aliases[k] = seen[ident]
+            continue
+        seen[ident] = k
+        tensors[k] = v.contiguous().cpu()
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path / WEIGHTS_FILE, st_save(tensors, metadata={"aliases": json.dumps(aliases)}))
+    atomic_write_json(path / CONFIG_FILE, {"method": "emoe", "version": FORMAT_VERSION, "config": cfg.to_dict(),
                                            "permutations": {str(k): v for k, v in perms.items()}})
     return path
 
 
-def _restore_routers(model, routers: dict) -> None:
-    with torch.no_grad():
-        for h in emoe_layers(model):
-            r = routers.get(h.emoe_state.index)
-            if r is not None:
-                h.emoe_router.copy_(r["router"])
-                h.emoe_logit_scale.copy_(r["logit_scale"])
-
-
-def apply_saved(model: nn.Module, path) -> nn.Module:
-    """Convert a freshly loaded dense model with the config and permutations stored in `path`."""
-    import json
-
-    f = Path(path) / CONFIG_FILE
+def read_saved(directory) -> tuple[EMoEConfig, dict[int, list[int]]]:
+    """(config, permutations) stored by save_pretrained in `directory`."""
+    f = Path(directory) / CONFIG_FILE
     if not f.exists():
         raise UserError(f"{f} not found: this folder was not written by transferlab.emoe.save_pretrained")
     blob = json.loads(f.read_text())
-    cfg = EMoEConfig.from_json(blob["config"])
-    convert(model, cfg, permutations={int(k): v for k, v in blob["permutations"].items()})
-    if (Path(path) / ROUTER_FILE).exists():
-        _restore_routers(model, torch.load(Path(path) / ROUTER_FILE, map_location="cpu", weights_only=True))
+    if blob.get("method") != "emoe":
+        raise UserError(f"{f} holds a {blob.get('method')!r} model, not EMoE: load it with "
+                        f"transferlab.{blob.get('method')}.from_pretrained")
+    if blob.get("version") != FORMAT_VERSION:
+        raise UserError(f"{f} has format version {blob.get('version')!r}; this transferlab reads version "
+                        f"{FORMAT_VERSION}: upgrade transferlab")
+    return EMoEConfig.from_dict(blob["config"]), {int(k): v for k, v in blob["permutations"].items()}
+
+
+def from_pretrained(directory, model: nn.Module) -> nn.Module:
+    """Load what save_pretrained wrote into `model` (the dense base model): weights (strict), then convert
+    with the stored config and neuron orders. In place; returns `model`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(directory)
+    cfg, perms = read_saved(path)
+    wf = path / WEIGHTS_FILE
+    if not wf.exists():
+        raise UserError(f"{wf} not found: the folder is incomplete; save it again with "
+                        "transferlab.emoe.save_pretrained")
+    if is_converted(model):
+        raise UserError("from_pretrained needs the dense base model; call transferlab.emoe.revert(model) first")
+    state = load_file(wf)
+    with safe_open(wf, "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    state.update({k: state[v] for k, v in aliases.items()})
+    router = {k: v for k, v in state.items() if ".emoe_router." in k or k.startswith("emoe_router.")}
+    dense = {k: v for k, v in state.items() if k not in router}
+    model.load_state_dict(dense, strict=True)
+    with torch.random.fork_rng(devices=[]):  # the router's random init is overwritten: leave the RNG as it was
+        convert(model, cfg, permutations=perms)
+    expected = {k for k in model.state_dict() if ".emoe_router." in k or k.startswith("emoe_router.")}
+    if set(router) != expected:
+        revert(model)
+        raise UserError(f"{wf}: router tensors {sorted(router)} do not match the config's {sorted(expected)}; "
+                        "the file belongs to another model or config")
+    model.load_state_dict({**model.state_dict(), **router}, strict=True)
     return model
-
-
-def from_pretrained(path, model_class=None, **kwargs) -> nn.Module:
-    """Load what save_pretrained wrote: `model_class.from_pretrained(path)` then convert with stored permutations."""
-    if model_class is None:
-        from transformers import AutoModel  # optional extra, imported lazily
-
-        model_class = AutoModel
-    return apply_saved(model_class.from_pretrained(path, **kwargs), path)

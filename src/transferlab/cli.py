@@ -33,7 +33,6 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", type=int, default=1,
                    help="(arm, seed) runs side by side in separate processes, sharing the CPU cores or the one GPU "
                         "(small models leave a GPU mostly idle); logs in OUT/NAME/job-<k>.log")
-    r.add_argument("--claims", default=None, help=argparse.SUPPRESS)  # internal: set by --jobs for its workers
 
     d = sub.add_parser("demo", help="every experiment's quick profile, then the report")
     d.add_argument("--out", default="results")
@@ -43,11 +42,18 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="rebuild tables, plots, report.md and report.html from results")
     rep.add_argument("--out", default="results")
+    rep.add_argument("--publish", default=None, metavar="DIR",
+                     help="also copy each experiment's latest results into DIR/<experiment>/ (e.g. docs/results), "
+                          "generate its tables there and refresh the generated blocks of README.md and docs/*.md")
+    rep.add_argument("--only", action="append", default=[], help="publish only these experiments")
 
     b = sub.add_parser("bench", help="time candidates against baselines measured in the same process")
     b.add_argument("name", nargs="?", default=None)
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    b.add_argument("--publish", default=None, metavar="FILE",
+                   help="merge the rows into FILE (e.g. docs/results/bench.json) with the machine, threads and date; "
+                        "writes FILE's .md beside it and refreshes the generated bench blocks of the docs")
     return p
 
 
@@ -65,7 +71,8 @@ def _cmd_list() -> None:
 def _cmd_run(a) -> None:
     from .core.engine import Engine
     from .core.report import write_report
-    from .core.results import check_writable, run_experiment
+    from .core.results import check_writable
+    from .core.runner import run_experiment
 
     check_writable(Path(a.out))
     if a.jobs != 1:
@@ -73,8 +80,8 @@ def _cmd_run(a) -> None:
     else:
         engine = Engine(device=a.device, mixed_precision=a.mixed_precision)
         out_dir = run_experiment(a.name, profile=a.profile, seeds=a.seeds, overrides=a.overrides, out=a.out,
-                                 engine=engine, report=a.claims is None, claim_dir=a.claims)
-        if not engine.is_main or a.claims is not None:
+                                 engine=engine)
+        if not engine.is_main:
             return
     if not a.no_report:
         write_report(a.out)
@@ -83,6 +90,7 @@ def _cmd_run(a) -> None:
 
 def _run_jobs(a) -> Path:
     """`run --jobs N`: N worker processes claim the unfinished (arm, seed) runs; then one report."""
+    import json
     import os
     import shutil
 
@@ -98,13 +106,11 @@ def _run_jobs(a) -> Path:
     resolve_config(get_experiment(a.name), a.profile, a.overrides, a.seeds)  # typos fail before any process starts
     out_dir = Path(a.out) / a.name
     claims = fresh_claim_dir(out_dir)
-    argv = ["run", a.name, "--profile", a.profile, "--out", a.out, "--device", a.device,
-            "--mixed-precision", a.mixed_precision, "--no-report", "--claims", str(claims)]
-    argv += ["--seeds", str(a.seeds)] if a.seeds is not None else []
-    argv += [f"--set={o}" for o in a.overrides]
+    spec = json.dumps({"name": a.name, "profile": a.profile, "seeds": a.seeds, "overrides": a.overrides,
+                       "out": a.out, "device": a.device, "mixed_precision": a.mixed_precision, "claims": str(claims)})
     try:
-        results = run_side_by_side([(f"job {k}", argv, out_dir / f"job-{k}.log") for k in range(a.jobs)], a.jobs,
-                                   a.name)
+        results = run_side_by_side([(f"job {k}", [spec], out_dir / f"job-{k}.log") for k in range(a.jobs)], a.jobs,
+                                   a.name, module="transferlab.core.worker")
     finally:
         shutil.rmtree(claims, ignore_errors=True)
     failed = [label for label, rc, _ in results if rc != 0]
@@ -139,12 +145,18 @@ def _cmd_bench(a) -> None:
 
     engine = Engine(device=a.device)
     names = [a.name] if a.name else list(benchmarks())
-    rows = []
+    rows, by_name = [], {}
     for n in names:
         b = get_benchmark(n)
         print(f"[bench] {n} on {engine.device} ({engine.threads} threads) ...", flush=True)
-        rows += b.fn(str(engine.device))
+        by_name[n] = b.fn(str(engine.device))
+        rows += by_name[n]
     print(format_comparisons(rows))
+    if a.publish:
+        from .core.publish import machine_info, publish_bench
+
+        path = publish_bench(a.publish, by_name, machine_info(a.device, engine.threads))
+        print(f"published: {path} and {path.with_suffix('.md')}")
     if a.json:
         from .core.io import atomic_write_json
 
@@ -163,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "report":
             from .core.report import write_report
 
+            if args.publish:
+                from .core.publish import publish
+
+                done = publish(args.out, args.publish, names=args.only or None)
+                print(f"published {', '.join(done) or 'nothing'} under {args.publish}")
             md, html = write_report(args.out)
             print(f"report: {md}\n        {html}")
         elif args.cmd == "bench":

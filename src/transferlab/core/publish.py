@@ -1,0 +1,176 @@
+"""Published results: reported runs committed under docs/results/, tables generated from them.
+
+    transferlab report --out results --publish docs/results
+
+copies each experiment's results (the rows of its last config) into `docs/results/<experiment>/`,
+generates its tables and plots there, and refreshes every generated block in README.md and
+docs/*.md. A block is written as
+
+    <!-- table: cuber-pfmnist -->
+    ...generated, never edited by hand...
+    <!-- /table -->
+
+`check_published` regenerates every table from its committed results.jsonl and reports any
+difference, so a number typed by hand into a published table or block fails the test suite.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .errors import UserError
+from .io import atomic_write_json, atomic_write_text, read_jsonl
+from .registry import experiments
+from .report import render_experiment, write_experiment_report
+from .results import latest_rows
+
+BLOCK = re.compile(r"(<!-- table: ([a-z0-9-]+)(?: (full))? -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+def publish(out: str | Path, dest: str | Path, names: list[str] | None = None,
+            docs: list[Path] | None = None) -> list[str]:
+    """Copy the latest results of each experiment under `out` (or just `names`) into `dest`.
+
+    Returns the names published. Docs with generated blocks are refreshed from `dest`.
+    """
+    out, dest = Path(out), Path(dest)
+    known = experiments()
+    chosen = names or [n for n in known if (out / n / "latest.json").exists()]
+    published = []
+    for name in chosen:
+        if name not in known:
+            raise UserError(f"unknown experiment {name!r}; `transferlab list` shows: {', '.join(known)}")
+        rows, latest = latest_rows(out / name)
+        if not rows:
+            raise UserError(f"{out / name} has no results to publish; run `transferlab run {name}` first")
+        target = dest / name
+        rows = sorted(rows, key=lambda r: (latest["config"]["arms"].index(r["arm"]), r["seed"]))
+        atomic_write_text(target / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        atomic_write_json(target / "latest.json", latest)
+        write_experiment_report(target)
+        published.append(name)
+    refresh_docs(dest, docs if docs is not None else default_docs(dest))
+    return published
+
+
+def default_docs(dest: Path) -> list[Path]:
+    """README.md and docs/*.md of the repository that holds `dest` (docs/results)."""
+    root = Path(dest).resolve().parent.parent
+    return [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if p.exists()]
+
+
+def _block_text(dest: Path, name: str, full: bool) -> str:
+    r = render_experiment(dest / name)
+    if r is None:
+        raise UserError(f"a generated block names {name!r}, which is not published under {dest}; "
+                        f"run `transferlab report --publish {dest}` after running it")
+    return r["full_table"] if full else r["table"]
+
+
+def refresh_docs(dest: Path, docs: list[Path]) -> None:
+    for doc in docs:
+        text = doc.read_text()
+        new = BLOCK.sub(lambda m: m.group(1) + _block_text(dest, m.group(2), bool(m.group(3))) + m.group(5), text)
+        if new != text:
+            atomic_write_text(doc, new)
+
+
+def check_published(dest: str | Path, docs: list[Path] | None = None) -> list[str]:
+    """Differences between the committed tables and blocks and what their results.jsonl generate."""
+    dest = Path(dest)
+    problems = []
+    for d in sorted(p for p in dest.iterdir() if p.is_dir()) if dest.exists() else []:
+        if not read_jsonl(d / "results.jsonl"):
+            problems.append(f"{d}: no results.jsonl")
+            continue
+        r = render_experiment(d)
+        for fname, want in (("table.md", r["table"]), ("table.csv", r["csv"])):
+            have = (d / fname).read_text() if (d / fname).exists() else None
+            if have != want:
+                problems.append(f"{d / fname} differs from the table its results.jsonl generates")
+    for doc in docs if docs is not None else default_docs(dest):
+        for m in BLOCK.finditer(doc.read_text()):
+            if m.group(4) != _block_text(dest, m.group(2), bool(m.group(3))):
+                problems.append(f"{doc}: the block of {m.group(2)} differs from docs/results/{m.group(2)}")
+    return problems
+
+
+# ---- benchmarks --------------------------------------------------------------------------------
+BENCH_BLOCK = re.compile(r"(<!-- bench -->\n)(.*?)(<!-- /bench -->)", re.S)
+
+
+def machine_info(device: str, threads: int) -> dict:
+    import datetime
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        cpu = torch.cuda.get_device_name()
+    return {"device": device, "hardware": cpu, "cores": os.cpu_count(), "threads": threads,
+            "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+
+
+def publish_bench(path: str | Path, results: dict[str, list], machine: dict) -> Path:
+    """Merge benchmark rows ({benchmark: [Comparison...]}) into `path` (bench.json) and write bench.md beside it."""
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    for name, rows in results.items():
+        data[f"{name}@{machine['device']}"] = {"machine": machine, "rows": [r.to_dict() for r in rows]}
+    atomic_write_json(path, data)
+    atomic_write_text(path.with_suffix(".md"), bench_markdown(data))
+    refresh_bench_docs(path, default_docs(path.parent))
+    return path
+
+
+def bench_markdown(data: dict) -> str:
+    """One table per machine: the rows of every benchmark measured there."""
+    from .bench import Comparison, format_comparisons
+
+    groups: dict[str, list] = {}
+    for key in sorted(data):
+        m = data[key]["machine"]
+        label = (f"{m['hardware']}, {m['device']}, {m['threads']} thread(s), torch {m['torch']}, "
+                 f"measured {m['date']}")
+        groups.setdefault(label, []).extend(data[key]["rows"])
+    fields = {"name", "candidate", "baseline", "value", "reference", "target", "mode", "unit", "note"}
+    parts = []
+    for label, rows in groups.items():
+        comps = [Comparison(**{k: v for k, v in r.items() if k in fields}) for r in rows]
+        parts.append(f"{label}:\n\n{format_comparisons(comps)}\n")
+    return "\n".join(parts)
+
+
+def refresh_bench_docs(path: Path, docs: list[Path]) -> None:
+    text_md = bench_markdown(json.loads(Path(path).read_text()))
+    for doc in docs:
+        text = doc.read_text()
+        new = BENCH_BLOCK.sub(lambda m: m.group(1) + text_md + m.group(3), text)
+        if new != text:
+            atomic_write_text(doc, new)
+
+
+def check_bench(path: str | Path, docs: list[Path] | None = None) -> list[str]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    want = bench_markdown(json.loads(path.read_text()))
+    problems = []
+    if path.with_suffix(".md").read_text() != want:
+        problems.append(f"{path.with_suffix('.md')} differs from what {path.name} generates")
+    for doc in docs if docs is not None else default_docs(path.parent):
+        for m in BENCH_BLOCK.finditer(doc.read_text()):
+            if m.group(2) != want:
+                problems.append(f"{doc}: the bench block differs from {path}")
+    return problems

@@ -1,4 +1,4 @@
-"""`transferlab` command line: list | run | demo | report | bench.
+"""`transferlab` command line: list | show | run | demo | report | bench.
 
 User errors (unknown names, bad --set values, missing data, unwritable folders) print one line
 and exit with status 2; they never show a traceback.
@@ -18,7 +18,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transferlab", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    sub.add_parser("list", help="experiments and benchmarks, one line each")
+    sub.add_parser("list", help="experiments (with their profiles) and benchmarks")
+    sh = sub.add_parser("show", help="an experiment's arms, metrics, profiles and every config option with its help")
+    sh.add_argument("name")
 
     r = sub.add_parser("run", help="run an experiment's arms over seeds; skips finished runs, resumes others")
     r.add_argument("name")
@@ -60,12 +62,39 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_list() -> None:
     from .core.registry import benchmarks, experiments
 
-    print("experiments:")
+    print("experiments (profiles with estimated CPU minutes on 2 cores; `transferlab show NAME` for options):")
     for name, e in experiments().items():
-        print(f"  {name:28s} {e.description.splitlines()[0]}")
+        est = e.cpu_minutes or {}
+        profiles = "  ".join(f"{p}" + (f" ~{est[p]:g} min" if p in est else "") for p in sorted(e.profiles))
+        print(f"  {name:28s} {e.description.splitlines()[0]}\n  {'':28s} profiles: {profiles}")
     print("benchmarks:")
     for name, b in benchmarks().items():
         print(f"  {name:28s} {b.description}")
+
+
+def _cmd_show(name: str) -> None:
+    import dataclasses
+
+    from .core.config import config_help
+    from .core.registry import get_experiment
+
+    e = get_experiment(name)
+    print(f"{e.name}: {e.description}\nreference arm: {e.reference}; metrics: {', '.join(e.metrics)}")
+    for p in sorted(e.profiles):
+        print(f"profile {p}: " + (", ".join(f"{k}={v}" for k, v in e.profiles[p].items()) or "defaults"))
+
+    def walk(cls, prefix=""):
+        for fname, text, default in config_help(cls):
+            f = next(f for f in dataclasses.fields(cls) if f.name == fname)
+            if dataclasses.is_dataclass(default):
+                print(f"  {prefix}{fname}: {text}")
+                walk(type(default), prefix + fname + ".")
+            else:
+                shown = default if default is not dataclasses.MISSING else f.default_factory()
+                print(f"  {prefix}{fname} = {shown!r}\n      {text}")
+
+    print("options (--set KEY=VALUE):")
+    walk(e.config)
 
 
 def _cmd_run(a) -> None:
@@ -168,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "list":
             _cmd_list()
+        elif args.cmd == "show":
+            _cmd_show(args.name)
         elif args.cmd == "run":
             _cmd_run(args)
         elif args.cmd == "demo":

@@ -3,7 +3,7 @@ import gzip
 import pytest
 
 from transferlab.core.errors import DataNotFoundError
-from transferlab.data import SUPERSENSES_39, load_fashion_mnist, load_spam_assassin, load_wordnet
+from transferlab.data import SUPERSENSES_39, load_fashion_mnist, load_wordnet
 from transferlab.data.wordnet import parse_data_line
 
 
@@ -52,13 +52,6 @@ def test_wordnet_vendored_subset_covers_39_supersenses():
     assert set(SUPERSENSES_39) <= names and len(SUPERSENSES_39) == 39
     assert "noun.Tops" not in SUPERSENSES_39
     assert sum(bool(s.examples) for s in syn) > 500
-
-
-def test_spam_subset_labels():
-    mails = load_spam_assassin()
-    assert len(mails) == 140
-    assert sum(m.is_spam for m in mails) == 60
-    assert all(m.text for m in mails)
 
 
 def test_minilm_path_prefers_a_user_path_then_transferlab_data(tmp_path, monkeypatch):

@@ -3,11 +3,8 @@
 A missing source raises `DataNotFoundError` naming the package to install or the variable to set.
 """
 
-from .digits import load_digits
 from .fashion_mnist import FMNIST_CLASSES, load_fashion_mnist
 from .minilm import minilm_path
-from .spam import load_spam_assassin
 from .wordnet import SUPERSENSES_39, Synset, load_wordnet
 
-__all__ = ["load_fashion_mnist", "FMNIST_CLASSES", "load_wordnet", "Synset", "SUPERSENSES_39",
-           "load_spam_assassin", "load_digits", "minilm_path"]
+__all__ = ["load_fashion_mnist", "FMNIST_CLASSES", "load_wordnet", "Synset", "SUPERSENSES_39", "minilm_path"]

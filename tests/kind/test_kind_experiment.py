@@ -12,6 +12,7 @@ from transferlab.nn.diffusion import Diffusion
 TINY = {"pretrain_steps": 3, "transfer_steps": 3, "source_per_class": 40, "target_per_class": 10,
         "val_per_class": 10, "test_per_class": 20, "samples_per_class": 8, "judge_per_class": 20, "judge_epochs": 1,
         "ddim_steps": 2, "width": 16, "depth": 1, "heads": 2, "patch": 7, "n_learngene": 8, "n_tailor": 8,
+        "paper_n_learngene": 12, "paper_n_tailor": 4,
         "batch_size": 16, "checkpoint_every": 2, "lrs": (1e-3, 3e-3)}
 
 
@@ -94,7 +95,7 @@ def _tiny_cfg(**over):
 
 def test_every_arm_gets_its_learning_rate_per_parameter_group(tmp_path):
     """SVDiff's spectral shift gets svdiff_lr_mult, KIND's singular values sigma_lr_mult, the rest the base lr."""
-    from transferlab.kind.experiments import ARMS, _load_data
+    from transferlab.kind.experiments import ARMS, KIND_ARMS, _load_data, arm_config
     from transferlab.kind.model import kind_param_groups
 
     cfg = _tiny_cfg(svdiff_lr_mult=10.0, sigma_lr_mult=3.0)
@@ -111,13 +112,16 @@ def test_every_arm_gets_its_learning_rate_per_parameter_group(tmp_path):
         for n, p in trainable:
             if arm == "svdiff" and n.endswith(".delta"):
                 want = base * 10.0
-            elif arm in ("kind", "kind_nogate", "kind_svd") and n.endswith((".s_t", ".s_g")):
+            elif arm_config(cfg, arm)[0] in KIND_ARMS and n.endswith((".s_t", ".s_g")):
                 want = base * 3.0
             else:
                 want = base
             assert lr_of[id(p)] == want, (arm, n, lr_of[id(p)], want)
         if arm == "svdiff":
             assert any(n.endswith(".delta") for n, _ in trainable)
+        if arm.endswith("_paper"):  # the paper-like share trains fewer parameters than today's share
+            today, _ = build_arm(cfg, arm[:-6], 0, engine, Diffusion(cfg.timesteps), data)
+            assert sum(p.numel() for _, p in trainable) < sum(p.numel() for p in today.parameters() if p.requires_grad)
 
 
 def test_no_gate_pretraining_never_trains_learngenes_alone():

@@ -40,8 +40,11 @@ from .config import KindConfig
 from .model import TRAINABLE_GROUPS, convert, fit, kind_stats, transfer
 from .plots import plot_kind
 
-ARMS = ("kind", "kind_nogate", "kind_svd", "full_finetune", "lora", "gated_lora", "svdiff", "scratch")
 KIND_ARMS = ("kind", "kind_nogate", "kind_svd")
+# arms whose trainable share follows n_tailor; each also runs at the paper-like share as <arm>_paper
+SHARE_ARMS = (*KIND_ARMS, "lora", "gated_lora")
+ARMS = ("kind", "kind_nogate", "kind_svd", "full_finetune", "lora", "gated_lora", "svdiff", "scratch",
+        *(f"{a}_paper" for a in SHARE_ARMS))
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ class KindFmnistConfig:
     samples_per_class: int = field(250, "generated images per target class for the metrics")
     n_learngene: int = field(64, "KIND learngene components per matrix [reconstructed: width/2]")
     n_tailor: int = field(64, "KIND tailor components per matrix [reconstructed: width/2]")
+    paper_n_learngene: int = field(112, "learngenes per matrix of the *_paper arms [reconstructed]")
+    paper_n_tailor: int = field(16, "tailors per matrix of the *_paper arms: about 10% of the rank, the paper's "
+                                   "share (45.4M trainable on DiT-L/2 ~ 100 of 1024 per matrix) [reconstructed]")
     k_active: int | None = field(None, "tailors on per class (None: n_tailor // classes, disjoint blocks)")
     assignment: str = field("block", "gate rule: block or random [reconstructed]")
     transfer_train: tuple[str, ...] = field(("label_embed", "final_layer"), "dense parts trained in transfer "
@@ -106,9 +112,10 @@ class KindFmnistConfig:
             raise UserError("source_classes and target_classes must not overlap")
         if 28 % self.patch:
             raise UserError(f"patch={self.patch}: 28 must be divisible by the patch size (1, 2, 4, 7, 14)")
-        if self.n_learngene + self.n_tailor > self.width:
-            raise UserError(f"n_learngene + n_tailor = {self.n_learngene + self.n_tailor} exceeds width "
-                            f"{self.width}; lower them")
+        for g, t in ((self.n_learngene, self.n_tailor), (self.paper_n_learngene, self.paper_n_tailor)):
+            if g + t > self.width:
+                raise UserError(f"n_learngene + n_tailor = {g} + {t} exceeds width {self.width}; lower them "
+                                "(or paper_n_learngene / paper_n_tailor)")
         if not self.lrs:
             raise UserError("lrs must list at least one learning rate")
         if not self.tailor_init_scales or min(self.tailor_init_scales) < 0:
@@ -162,6 +169,8 @@ def _kind_cfg(cfg: KindFmnistConfig, gate: bool) -> KindConfig:
 PRETRAIN_FIELDS = ("source_classes", "source_per_class", "patch", "width", "depth", "heads", "timesteps",
                    "schedule", "batch_size", "pretrain_steps", "pretrain_lr", "sigma_lr_mult", "class_dropout",
                    "n_learngene", "n_tailor", "k_active", "assignment", "data_path")
+# the fields that only KIND's pre-training reads: both shares reuse one dense model
+KIND_FIELDS = ("sigma_lr_mult", "n_learngene", "n_tailor", "k_active", "assignment")
 # bumped when pre-training itself changes (2: without a gate the null label uses every tailor too)
 PRETRAIN_FORMAT = 2
 
@@ -172,7 +181,8 @@ def _pretrained_file(cfg, engine, family: str, seed: int) -> Path:
     The runner's run folders are <out>/<experiment>/runs/<config hash>/<arm>-seed<seed>; a run folder
     placed elsewhere (a test, a user's own loop) keeps the cache beside itself.
     """
-    key = config_hash(cfg, exclude=tuple(f.name for f in dataclasses.fields(cfg) if f.name not in PRETRAIN_FIELDS))
+    used = PRETRAIN_FIELDS if family != "dense" else tuple(f for f in PRETRAIN_FIELDS if f not in KIND_FIELDS)
+    key = config_hash(cfg, exclude=tuple(f.name for f in dataclasses.fields(cfg) if f.name not in used))
     runs = engine.run_dir.parent.parent
     root = runs.parent.parent if runs.name == "runs" else engine.run_dir.parent
     return root / "kind-pretrained" / f"v{PRETRAIN_FORMAT}-{key}" / f"{family}-seed{seed}.pt"
@@ -220,9 +230,19 @@ def lora_rank(cfg, model) -> int:
     return cfg.lora_rank or max(1, round(_kind_tailor_params(cfg) / lora_params_per_rank(model)))
 
 
+def arm_config(cfg, arm: str):
+    """(base arm, config): an arm ending in _paper is its base arm at the paper-like share."""
+    if arm.endswith("_paper") and arm[:-6] in SHARE_ARMS:
+        return arm[:-6], dataclasses.replace(cfg, n_learngene=cfg.paper_n_learngene, n_tailor=cfg.paper_n_tailor)
+    if arm not in ARMS:
+        raise UserError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    return arm, cfg
+
+
 def build_arm(cfg, arm: str, seed: int, engine, diffusion, data, tailor_init_scale: float = 1.0
               ) -> tuple[torch.nn.Module, float]:
     """The model ready for transfer training, and its LR multiplier for the singular-value group."""
+    arm, cfg = arm_config(cfg, arm)
     n_new = len(cfg.target_classes)
     if arm == "scratch":
         torch.manual_seed(seed * 7 + 3)
@@ -260,7 +280,7 @@ def build_arm(cfg, arm: str, seed: int, engine, diffusion, data, tailor_init_sca
 
 def candidates(cfg, arm: str) -> list[tuple[float, float]]:
     """The (lr, tailor_init_scale) pairs an arm tries; only the KIND arms have new tailors to scale."""
-    scales = cfg.tailor_init_scales if arm in KIND_ARMS else (1.0,)
+    scales = cfg.tailor_init_scales if arm_config(cfg, arm)[0] in KIND_ARMS else (1.0,)
     return [(lr, sc) for sc in scales for lr in cfg.lrs]
 
 
@@ -291,6 +311,13 @@ def _samples(cfg, model, diffusion, per_class: int, seed: int, engine, cfg_scale
     x = ev.generate(model, diffusion, labels, steps=cfg.ddim_steps, cfg_scale=cfg_scale,
                     null_label=len(cfg.target_classes), seed=seed, device=engine.device)
     return x, torch.tensor(cfg.target_classes)[labels]
+
+
+def _worse(old: float, new: float) -> bool:
+    """True when validation FID `new` beats `old`; a diverged run (NaN) loses to any finite one."""
+    if new != new:
+        return False
+    return old != old or new < old
 
 
 def _suffix(scale: float, first: bool) -> str:
@@ -326,7 +353,7 @@ def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
                 val_fid = ev.frechet_distance(f_val, f_fake)
             if engine.is_main:
                 atomic_torch_save({"model": model.state_dict(), "val_fid": val_fid, "losses": losses}, done_file)
-        if best is None or val_fid < best[0]:
+        if best is None or _worse(best[0], val_fid):
             best = (val_fid, (lr, scale), model, losses)
     val_fid, (lr, scale), model, losses = best
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -357,7 +384,8 @@ def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
 
 # full: sized (by estimate, not measured) for one H100 in about 10 minutes for all arms and seeds
 _FULL = {"seeds": 3, "pretrain_steps": 4000, "transfer_steps": 1000, "lrs": (3e-4, 1e-3)}
-_SMALL = {"patch": 7, "width": 64, "depth": 4, "heads": 4, "batch_size": 64, "n_learngene": 32, "n_tailor": 32}
+_SMALL = {"patch": 7, "width": 64, "depth": 4, "heads": 4, "batch_size": 64, "n_learngene": 32, "n_tailor": 32,
+          "paper_n_learngene": 56, "paper_n_tailor": 8}
 # quick: the CPU demo; checks the pipeline end to end, samples are not expected to be meaningful
 _QUICK = {**_SMALL, "seeds": 2, "source_per_class": 1000, "pretrain_steps": 150, "transfer_steps": 80,
           "lrs": (1e-3,), "ddim_steps": 20, "samples_per_class": 80, "val_per_class": 50, "test_per_class": 200,
@@ -366,13 +394,16 @@ _QUICK = {**_SMALL, "seeds": 2, "source_per_class": 1000, "pretrain_steps": 150,
 _MEDIUM = {**_SMALL, "seeds": 2, "pretrain_steps": 500, "transfer_steps": 200, "lrs": (1e-3,), "ddim_steps": 20,
            "samples_per_class": 100, "test_per_class": 500, "judge_per_class": 1000, "judge_epochs": 1,
            "checkpoint_every": 100}
-# cpu: the longest CPU run (about 37 CPU-minutes per seed), sized so that samples are recognisable: a
-# pre-training probe of this DiT on the source classes reached judge accuracy 49% at 4000 steps and 69%
-# at 8000 (chance 17%; 7% at 500 steps, the medium profile's length) with lr 1e-3 and guidance 2. The
-# probe measured source-class samples only; the target classes' images were not looked at.
-_CPU = {**_SMALL, "seeds": 3, "pretrain_steps": 6000, "pretrain_lr": 1e-3, "transfer_steps": 1500,
-        "lrs": (3e-4, 1e-3), "ddim_steps": 20, "samples_per_class": 200, "test_per_class": 1000,
-        "judge_per_class": 2000, "judge_epochs": 2, "checkpoint_every": 500}
+# cpu: sized so that kind-fmnist (13 arms) and kind-fmnist-all (the 8 arms at today's share) with 6 seeds
+# finish in about 2.6 h on 2 cores with --jobs 2, from a per-step time of 0.075 CPU-s (batch 64, one
+# thread) and 3 / 18 CPU-s for the validation / final samples of one run. Pre-training (dense, KIND and
+# KIND without gate at both shares: 5 x 3000 steps per seed) is shared by both experiments and every arm.
+# The lr grid starts at the top of the former grid {3e-4, 1e-3} (chosen by every arm on every seed)
+# and extends one decade past it; KIND's new tailors also try a zero start.
+_CPU = {**_SMALL, "seeds": 6, "pretrain_steps": 3000, "pretrain_lr": 1e-3, "transfer_steps": 200,
+        "lrs": (1e-3, 3e-3, 1e-2), "tailor_init_scales": (1.0, 0.0), "ddim_steps": 20, "samples_per_class": 200,
+        "test_per_class": 1000, "judge_per_class": 2000, "judge_epochs": 2, "checkpoint_every": 500}
+_TODAY_SHARE = tuple(a for a in ARMS if not a.endswith("_paper"))
 
 # headline (guidance 1) metrics beside the guidance-free heldout_mse, then the guidance-2 table's columns
 METRICS = ("fmnist_fid", "class_acc", "heldout_mse", "precision", "recall", "fid_floor", "fmnist_fid_g2",
@@ -393,7 +424,7 @@ register_experiment(
     # the demo runs this regime with one seed only (the few-shot experiment has two), to fit its time budget
     profiles={"quick": {**_QUICK, "seeds": 1, "target_per_class": 1000},
               "medium": {**_MEDIUM, "target_per_class": 5800},
-              "cpu": {**_CPU, "target_per_class": 5800},
+              "cpu": {**_CPU, "target_per_class": 5800, "arms": _TODAY_SHARE},
               "full": {**_FULL, "target_per_class": 5800}},
     plot=plot_kind,
 )(kind_fmnist)

@@ -28,6 +28,8 @@ class GPMConfig:
                                           "(one value = all layers); must lie in (0, 1)")
     threshold_step: float = field(0.0, "added to every threshold per task: eps + step * task_id (CIFAR: 0.003)")
     n_samples: tuple[int, ...] = field((300,), "task samples for each layer's representation matrix (one value = all)")
+    rep_batch: int | None = field(125, "forward batch size when building representations (with batch-statistics "
+                                  "BN it changes them; GPM's code: one batch of 125); None = the loader's batches")
     solver: str = field("eigh", "basis solver: eigh (Gram + symmetric eigh), svd (GPM's exact path), lowrank")
     input_projection: bool = field(True, "bias-free Linear: project the layer input in backward instead of "
                                    "the weight gradient (identical gradient, cheaper) [reconstructed speed-up]")
@@ -44,6 +46,8 @@ class GPMConfig:
             raise UserError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if not self.n_samples or min(self.n_samples) < 1:
             raise UserError("n_samples must list positive sample counts")
+        if self.rep_batch is not None and self.rep_batch < 1:
+            raise UserError(f"rep_batch must be >= 1 or None, got {self.rep_batch}")
 
     def threshold_fn(self, n_layers: int):
         ts = self.thresholds if len(self.thresholds) > 1 else self.thresholds * n_layers

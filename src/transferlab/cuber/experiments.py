@@ -1,16 +1,21 @@
-"""CUBER experiments on real Fashion-MNIST: permuted (GPM's PMNIST protocol), split (conv GPM), rotated (BWT).
+"""CUBER experiments on real Fashion-MNIST.
 
-Every arm of a seed sees the same tasks and the same initial weights (paired comparison).
-Reported: ACC (final average accuracy), BWT, FWT (vs the untrained model's accuracy), forgetting,
-and the accuracy matrix R (stored per run, drawn as heatmaps by `plot_matrices`).
-`eval_split=val` evaluates on the held-out validation images instead of the test set; it is what
-hyperparameters (EWC's lambda, CUBER's eps_corr / step_scale) are chosen with.
+Streams: permuted (GPM's PMNIST protocol), split (conv GPM), rotated (neighbouring tasks
+correlated), chunks (one 10-class problem in disjoint chunks: every pair positively correlated,
+the mechanism check) and shared pairs (binary class pairs that share a class, multi-head CNN,
+trained to convergence with validation early stopping, GPM's CIFAR protocol).
+
+Every arm of a seed sees the same tasks and the same initial weights (paired comparison). Test
+seeds are 0..seeds-1; hyperparameters chosen on validation (EWC's lambda, the `cuber_val` arm's
+rule) are chosen once per config on `val_seeds` other seeds (1000, 1001, ...), scored on the
+held-out validation images, never on a test seed or the test set.
+Reported: ACC, BWT, FWT (vs the untrained model), forgetting, and the accuracy matrix R.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -20,45 +25,59 @@ from ..core.errors import UserError
 from ..core.registry import register_experiment
 from ..core.stats import fmt_ci, mean_ci, paired_diff
 from ..nn import MLP
-from .config import CUBERConfig, EWCConfig, GPMConfig, TRGPConfig
+from .config import STEP_RULES, CUBERConfig, EWCConfig, GPMConfig, TRGPConfig
 from .metrics import summarize
 from .models import MultiHeadCNN, multihead_forward
 from .strategies import EWC, GPM, Finetune
-from .streams import permuted_stream, rotated_stream, split_stream
+from .streams import SHARED_PAIRS, chunks_stream, permuted_stream, rotated_stream, split_stream
 from .train import run_multitask, run_stream
 from .trgp import CUBER, TRGP
 
 METRICS = ("acc", "bwt", "fwt", "forgetting")
+VAL_SEED0 = 1000
+LONG = ("gpm_long", "trgp_long", "cuber_long")
+ARMS_HELP = ("arms: finetune, ewc (lambda chosen on validation), gpm, trgp, cuber (CUBERConfig's rule, "
+             "default free = the paper's reading), cuber_<rule> for each named rule variant, cuber_val (rule "
+             "chosen on validation from val_rules), gpm_long / trgp_long / cuber_long (long_epochs per task), "
+             "multitask")
 
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """Common fields of the three CUBER experiments (GPM's PMNIST protocol, Saha et al. 2021 Sec. 5)."""
+    """Common fields of the CUBER experiments (GPM's PMNIST protocol, Saha et al. 2021 Sec. 5)."""
 
-    arms: tuple[str, ...] = field(("finetune", "ewc", "gpm", "trgp", "cuber", "multitask"), "arms to run")
-    seeds: int = field(5, "number of seeds")
+    arms: tuple[str, ...] = field(("finetune", "ewc", "gpm", "trgp", "cuber", "multitask"), ARMS_HELP)
+    seeds: int = field(5, "number of test seeds (0..seeds-1)")
+    val_seeds: int = field(3, "validation seeds (1000, 1001, ...) on which EWC's lambda and cuber_val's rule are "
+                           "chosen, scored on the validation images")
     n_tasks: int = field(10, "tasks in the stream")
     n_train: int | None = field(None, "training images drawn per task before the validation split (None = all)")
     n_test: int | None = field(None, "test images per task (None = all 10k)")
     val_frac: float = field(0.1, "fraction of each task's training draw held out for validation (GPM: 10%)")
-    epochs: int = field(5, "SGD epochs per task")
+    normalize: bool = field(True, "normalise inputs by the dataset mean/std (GPM's PMNIST loader, before permuting)")
+    epochs: int = field(5, "SGD epochs per task (the maximum when patience > 0)")
+    patience: int = field(0, "0 = fixed budget; > 0 = GPM's CIFAR schedule: lr / lr_factor after this many epochs "
+                          "without a lower validation loss, stop below lr_min")
+    lr_factor: float = field(2.0, "lr divisor of the validation schedule (GPM CIFAR: 2)")
+    lr_min: float = field(1e-5, "the validation schedule stops once the lr falls below this (GPM CIFAR: 1e-5)")
+    restore_best: bool = field(True, "with patience > 0, restore the best-validation weights (GPM's CIFAR code)")
     lr: float = field(0.01, "SGD learning rate (fresh optimiser per task, no momentum)")
     batch_size: int = field(10, "batch size")
     thresholds: tuple[float, ...] = field((0.95, 0.99, 0.99), "GPM energy thresholds per protected layer")
     threshold_step: float = field(0.0, "threshold increase per task")
     n_samples: tuple[int, ...] = field((300,), "representation samples per layer")
+    rep_batch: int | None = field(125, "forward batch for representations (matters with BN; GPM: one batch of 125)")
     eps_proj: float = field(0.2, "TRGP/CUBER trust-region threshold eps_1")
-    eps_corr: float = field(0.0, "[reconstructed] CUBER positive-correlation threshold (cosine; chosen on "
-                            "rotated validation)")
-    rule: str = field("backward", "[reconstructed] CUBER in-subspace step rule: agem, gate, free, along, "
-                           "backward (reading a), share_q (reading b); see CUBERConfig")
-    corr_space: str = field("subspace", "[reconstructed] CUBER correlation cosine: subspace, or full (reading c)")
+    eps_corr: float = field(0.0, "[reconstructed] CUBER positive-correlation threshold (cosine)")
+    rule: str = field("free", "[reconstructed] Regime-3 rule of the `cuber` arm (see CUBERConfig.rule)")
+    val_rules: tuple[str, ...] = field(("free", "agem", "gate", "backward"), "rules the cuber_val arm chooses from")
+    corr_space: str = field("subspace", "[reconstructed] CUBER correlation cosine: subspace or full")
     step_scale: float = field(1.0, "[reconstructed] CUBER in-subspace step scale")
-    trust_radius: float = field(0.02, "[reconstructed] CUBER in-subspace trust radius (fraction of the in-subspace "
-                                "weight norm; chosen on rotated validation)")
+    trust_radius: float = field(0.0, "[reconstructed] CUBER in-subspace trust radius (0 = unbounded)")
     scale_regime3: bool = field(True, "[reconstructed] CUBER: Regime-3 old tasks also get TRGP's scaling matrix Q")
-    ewc_lam: float = field(1.0, "EWC penalty strength (chosen on validation, see docs/cuber.md)")
-    long_epochs: int = field(0, "epochs per task of the gpm_long control arm (0 = 3x epochs)")
+    ewc_grid: tuple[float, ...] = field((1.0, 10.0, 100.0, 1000.0, 10000.0), "EWC lambdas; the one with the best "
+                                        "mean validation ACC over val_seeds is used")
+    long_epochs: int = field(0, "epochs per task of the *_long arms (0 = 3x epochs)")
     eval_split: Literal["test", "val"] = field("test", "evaluate on test (report) or val (hyperparameter choice)")
     data_path: str | None = field(None, "folder with the Fashion-MNIST IDX files (default: Debian package)")
 
@@ -69,41 +88,61 @@ class StreamConfig:
             raise UserError("epochs and batch_size must be >= 1 and lr > 0")
         if not 0 < self.val_frac < 1:
             raise UserError(f"val_frac must lie in (0, 1), got {self.val_frac}")
+        if self.val_seeds < 1 or not self.ewc_grid or not self.val_rules:
+            raise UserError("val_seeds must be >= 1 and ewc_grid / val_rules non-empty")
+        for arm in self.arms:
+            arm_rule(arm)  # unknown arms fail here, before any run
+        for r in (self.rule, *self.val_rules):
+            CUBERConfig(rule=r)
         GPMConfig(thresholds=self.thresholds)  # validates thresholds with a clear error
 
 
+def arm_rule(arm: str) -> str | None:
+    """The Regime-3 rule a CUBER arm uses (None for other arms; "" = the config's `rule`)."""
+    if arm in ("finetune", "ewc", "gpm", "gpm_long", "trgp", "trgp_long", "multitask"):
+        return None
+    if arm in ("cuber", "cuber_long", "cuber_val"):
+        return ""
+    if arm.startswith("cuber_") and arm[6:] in STEP_RULES:
+        return arm[6:]
+    raise UserError(f"unknown arm {arm!r}; {ARMS_HELP}")
+
+
 def gpm_kwargs(cfg) -> dict:
-    return dict(thresholds=cfg.thresholds, threshold_step=cfg.threshold_step, n_samples=cfg.n_samples)
+    return dict(thresholds=cfg.thresholds, threshold_step=cfg.threshold_step, n_samples=cfg.n_samples,
+                rep_batch=cfg.rep_batch)
 
 
-def make_strategy(arm: str, model, cfg, forward=None):
+def make_strategy(arm: str, model, cfg, forward=None, ewc_lam: float | None = None, rule: str | None = None):
     g = gpm_kwargs(cfg)
     if arm == "finetune":
         return Finetune(model, forward)
     if arm == "ewc":
-        return EWC(model, EWCConfig(lam=cfg.ewc_lam), forward)
+        return EWC(model, EWCConfig(lam=cfg.ewc_grid[0] if ewc_lam is None else ewc_lam), forward)
     if arm in ("gpm", "gpm_long"):
         return GPM(model, GPMConfig(**g), forward)
-    if arm == "trgp":
+    if arm in ("trgp", "trgp_long"):
         return TRGP(model, TRGPConfig(**g, eps_proj=cfg.eps_proj), forward)
-    if arm == "cuber":
-        return CUBER(model, CUBERConfig(**g, eps_proj=cfg.eps_proj, eps_corr=cfg.eps_corr, rule=cfg.rule,
-                                        step_scale=cfg.step_scale, scale_regime3=cfg.scale_regime3,
-                                        trust_radius=cfg.trust_radius, corr_space=cfg.corr_space), forward)
-    raise UserError(f"unknown arm {arm!r}")
+    r = arm_rule(arm)
+    return CUBER(model, CUBERConfig(**g, eps_proj=cfg.eps_proj, eps_corr=cfg.eps_corr, rule=rule or r or cfg.rule,
+                                    step_scale=cfg.step_scale, scale_regime3=cfg.scale_regime3,
+                                    trust_radius=cfg.trust_radius, corr_space=cfg.corr_space), forward)
 
 
-def run_arm(cfg, arm: str, seed: int, engine, tasks, make_model, forward=None) -> dict:
+def fit_arm(cfg, arm: str, seed: int, device, tasks, make_model, forward=None, engine=None,
+            ewc_lam: float | None = None, rule: str | None = None) -> dict:
+    """One (arm, seed) on `tasks`; evaluated on cfg.eval_split. `engine` (optional) checkpoints."""
     torch.manual_seed(seed)  # same initial weights for every arm of a seed
-    model = make_model().to(engine.device)
+    model = make_model().to(device)
     kw = dict(lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, engine=engine, split=cfg.eval_split)
     if arm == "multitask":
         out = run_multitask(model, tasks, epochs=cfg.epochs, forward=forward, **kw)
         return {"acc": sum(out["R"][0]) / len(out["R"][0]), "bwt": math.nan, "fwt": math.nan,
                 "forgetting": math.nan, "R": out["R"], "b": out["b"]}
-    strategy = make_strategy(arm, model, cfg, forward)
-    epochs = (cfg.long_epochs or 3 * cfg.epochs) if arm == "gpm_long" else cfg.epochs
-    out = run_stream(model, strategy, tasks, epochs=epochs, **kw)
+    strategy = make_strategy(arm, model, cfg, forward, ewc_lam, rule)
+    epochs = (cfg.long_epochs or 3 * cfg.epochs) if arm in LONG else cfg.epochs
+    out = run_stream(model, strategy, tasks, epochs=epochs, patience=cfg.patience, lr_factor=cfg.lr_factor,
+                     lr_min=cfg.lr_min, restore_best=cfg.restore_best, **kw)
     res = {**summarize(out["R"], out["b"]), "R": out["R"], "b": out["b"]}
     if hasattr(strategy, "memory"):
         res["basis_dims"] = strategy.memory.dims()
@@ -115,6 +154,47 @@ def run_arm(cfg, arm: str, seed: int, engine, tasks, make_model, forward=None) -
                     counts[r[1]] += 1
         res.update({f"regime{k}": float(v) for k, v in counts.items()})
     return res
+
+
+def choose_on_val_seeds(cfg, name: str, candidates, fit_one, ctx) -> tuple:
+    """Mean validation ACC of each candidate over the validation seeds; the best (first on ties).
+
+    Computed once per config and shared by every test seed (`ctx.shared`, when the runner gives a
+    context); recorded in the run's results line.
+    """
+    def build():
+        val = replace(cfg, eval_split="val")
+        scores = [sum(fit_one(val, c, VAL_SEED0 + k)["acc"] for k in range(cfg.val_seeds)) / cfg.val_seeds
+                  for c in candidates]
+        return {"scores": scores}
+    shared = getattr(ctx, "shared", None)
+    key = [name, list(candidates), {k: v for k, v in vars(cfg).items() if k not in ("arms", "seeds", "eval_split")}]
+    scores = (shared(f"choice-{name}", build, per_seed=False, key=key) if callable(shared) else build())["scores"]
+    best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
+    if hasattr(ctx, "record_choice"):
+        ctx.record_choice(name, list(candidates), scores, candidates[best])
+    return candidates[best], scores
+
+
+def run_arm(cfg, arm: str, seed: int, engine, make_tasks, make_model, forward=None) -> dict:
+    """One test (arm, seed); EWC's lambda and cuber_val's rule come from the validation seeds."""
+    dev = engine.device
+
+    def fit_one(c, extra: dict, s: int) -> dict:
+        return fit_arm(c, arm, s, dev, make_tasks(c, s), make_model, forward, **extra)
+
+    extra, chosen = {}, {}
+    if arm == "ewc":
+        lam, _ = choose_on_val_seeds(cfg, "ewc_lam", list(cfg.ewc_grid),
+                                     lambda c, v, s: fit_one(c, {"ewc_lam": v}, s), engine)
+        extra, chosen = {"ewc_lam": lam}, {"ewc_lam": lam}
+    elif arm == "cuber_val":
+        rule, _ = choose_on_val_seeds(cfg, "cuber_rule", list(cfg.val_rules),
+                                      lambda c, v, s: fit_one(c, {"rule": v}, s), engine)
+        extra = {"rule": rule}
+        chosen = {"rule_index": float(STEP_RULES.index(rule))}
+    res = fit_arm(cfg, arm, seed, dev, make_tasks(cfg, seed), make_model, forward, engine, **extra)
+    return {**res, **chosen}
 
 
 # ---- plots and notes ------------------------------------------------------------------------------
@@ -149,55 +229,75 @@ def _by_seed(rows, arm, metric):
     return {r["seed"]: r["metrics"][metric] for r in rows if r["arm"] == arm and metric in r["metrics"]}
 
 
+def rule_label(arm: str, cfg: dict) -> str:
+    """What a CUBER column ran: its rule and the Regime-3 settings."""
+    r = arm_rule(arm)
+    rule = "chosen on validation from " + "/".join(cfg.get("val_rules", ())) if arm == "cuber_val" else (
+        r or cfg.get("rule", "free"))
+    return (f"rule={rule}, corr_space={cfg.get('corr_space')}, eps_corr={cfg.get('eps_corr')}, "
+            f"trust_radius={cfg.get('trust_radius')}, step_scale={cfg.get('step_scale')}")
+
+
 def checks_markdown(rows: list[dict], cfg: dict) -> str:
-    """Paired (per-seed) comparisons the issue asks for, computed from the rows (never hard-coded)."""
-    lines = ["Paired differences over seeds (mean ± 95% CI; accuracy matrix heatmaps in accuracy_matrix.png):", ""]
-    pairs = [("trgp", "gpm", "acc"), ("cuber", "gpm", "acc"), ("cuber", "gpm", "bwt"), ("cuber", "trgp", "acc"),
-             ("cuber", "trgp", "bwt"), ("gpm_long", "gpm", "bwt"), ("cuber", "gpm_long", "bwt")]
+    """Paired (per-seed) comparisons of every CUBER arm with GPM and TRGP, computed from the rows."""
+    arms = list(cfg["arms"])
+    lines = ["Paired differences over test seeds (mean ± 95% CI; heatmaps in accuracy_matrix.png):", ""]
+    cubers = [a for a in arms if arm_rule(a) is not None]
+    for a in cubers:
+        lines.append(f"- `{a}`: {rule_label(a, cfg)}")
+    pairs = [("trgp", "gpm", "acc"), ("gpm_long", "gpm", "bwt"), ("trgp_long", "gpm_long", "bwt")]
+    for a in cubers:
+        base = ("gpm_long", "trgp_long") if a == "cuber_long" else ("gpm", "trgp")
+        pairs += [(a, b, m) for b in base for m in ("bwt", "acc")]
     for a, b, m in pairs:
-        if a in cfg["arms"] and b in cfg["arms"]:
+        if a in arms and b in arms:
             mean, half, n = paired_diff(_by_seed(rows, a, m), _by_seed(rows, b, m))
             if n:
                 excl = "" if math.isnan(half) else (" (CI excludes 0)" if abs(mean) > half else " (CI includes 0)")
                 lines.append(f"- {m.upper()} {a} − {b}: {fmt_ci(mean, half)} over {n} seeds{excl}")
-    for arm in ("cuber", "trgp"):
-        if arm in cfg["arms"]:
+    for arm in ["trgp", *cubers]:
+        if arm in arms:
             reg = [mean_ci(_by_seed(rows, arm, f"regime{k}").values())[0] for k in (1, 2, 3)]
             if not any(math.isnan(x) for x in reg):
                 lines.append(f"- {arm}: (layer, old task) pairs per run in regime 1/2/3: "
                              + " / ".join(f"{x:.1f}" for x in reg))
+    lam = {r["metrics"].get("ewc_lam") for r in rows if r["arm"] == "ewc"} - {None}
+    if lam:
+        lines.append(f"- EWC lambda chosen on {cfg.get('val_seeds')} validation seeds from {cfg.get('ewc_grid')}: "
+                     + ", ".join(f"{v:g}" for v in sorted(lam)))
     return "\n".join(lines) + "\n"
 
 
-# ---- the three experiments --------------------------------------------------------------------------
+# ---- the experiments ---------------------------------------------------------------------------------
 def _mlp():
     return MLP(784, (100, 100), 10, bias=False)
+
+
+_ALL = ("finetune", "ewc", "gpm", "trgp", "cuber", "cuber_agem", "cuber_gate", "cuber_backward", "cuber_val",
+        "multitask")
 
 
 @dataclass(frozen=True)
 class PermutedConfig(StreamConfig):
     """10 permuted Fashion-MNIST tasks, GPM's PMNIST protocol (Saha et al. 2021, Sec. 5; TRGP Sec. 5)."""
 
-    # On this stream's validation split the library default (backward, eps_corr 0) lost to the earlier
-    # rule (ACC -0.51 vs +0.30 over GPM, 3 seeds; docs/cuber.md), so the permuted experiment keeps it.
-    eps_corr: float = field(0.3, "[reconstructed] CUBER positive-correlation threshold (chosen on permuted "
-                            "validation)")
-    rule: str = field("gate", "[reconstructed] CUBER in-subspace step rule (gate chosen on permuted "
-                           "validation over backward; see CUBERConfig)")
-
 
 @register_experiment(
-    "cuber-pfmnist", config=PermutedConfig, reference="gpm", metrics=METRICS,
+    "cuber-pfmnist", config=PermutedConfig, reference="gpm", metrics=METRICS, method="cuber",
     description="10 permuted Fashion-MNIST tasks, MLP 784-100-100-10 without bias, SGD lr 0.01 batch 10, "
                 "5 epochs (GPM's PMNIST protocol): finetune/EWC/GPM/TRGP/CUBER/multitask",
     # quick: 4 tasks x 3600 images, lr 0.05 so a few hundred steps learn each task (demo, not the protocol)
-    profiles={"quick": {"seeds": 2, "n_tasks": 4, "n_train": 4000, "n_test": 2000, "epochs": 3, "lr": 0.05},
+    profiles={"quick": {"seeds": 2, "val_seeds": 1, "n_tasks": 4, "n_train": 4000, "n_test": 2000, "epochs": 3,
+                        "lr": 0.05, "ewc_grid": (10.0, 1000.0)},
+              "cpu": {"seeds": 3, "val_seeds": 1, "n_train": 6000, "n_test": 2000, "epochs": 3, "lr": 0.05,
+                      "arms": ("gpm", "trgp", "cuber")},
               "full": {"seeds": 5}},
     plot=plot_matrices,
 )
 def cuber_pfmnist(cfg: PermutedConfig, arm: str, seed: int, engine) -> dict:
-    tasks = permuted_stream(cfg.n_tasks, cfg.n_train, cfg.n_test, cfg.val_frac, seed, cfg.data_path)
-    return run_arm(cfg, arm, seed, engine, tasks, _mlp)
+    return run_arm(cfg, arm, seed, engine,
+                   lambda c, s: permuted_stream(c.n_tasks, c.n_train, c.n_test, c.val_frac, s, c.data_path,
+                                                c.normalize), _mlp)
 
 
 @dataclass(frozen=True)
@@ -223,15 +323,16 @@ class SplitConfig(StreamConfig):
 
 
 @register_experiment(
-    "cuber-split-fmnist", config=SplitConfig, reference="gpm", metrics=METRICS,
+    "cuber-split-fmnist", config=SplitConfig, reference="gpm", metrics=METRICS, method="cuber",
     description="Split Fashion-MNIST 5x2 classes, multi-head CNN (conv GPM via im2col, BN without running stats)",
-    profiles={"quick": {"seeds": 2, "n_train": 300, "n_test": 300, "epochs": 2},
+    profiles={"quick": {"seeds": 2, "n_train": 300, "n_test": 300, "epochs": 2, "arms": ("gpm", "trgp", "cuber")},
               "full": {"seeds": 5}},
     plot=plot_matrices,
 )
 def cuber_split_fmnist(cfg: SplitConfig, arm: str, seed: int, engine) -> dict:
-    tasks = split_stream(cfg.classes_per_task, cfg.n_train, cfg.n_test, cfg.val_frac, seed, cfg.data_path)
-    return run_arm(cfg, arm, seed, engine, tasks,
+    return run_arm(cfg, arm, seed, engine,
+                   lambda c, s: split_stream(c.classes_per_task, c.n_train, c.n_test, c.val_frac, s, c.data_path,
+                                             c.normalize),
                    lambda: MultiHeadCNN(cfg.n_tasks, cfg.classes_per_task, cfg.width), multihead_forward)
 
 
@@ -239,22 +340,91 @@ def cuber_split_fmnist(cfg: SplitConfig, arm: str, seed: int, engine) -> dict:
 class RotatedConfig(StreamConfig):
     """Rotated Fashion-MNIST (0, 8, ..., 72 degrees), few samples per task: a positively correlated stream."""
 
-    arms: tuple[str, ...] = field(("finetune", "ewc", "gpm", "gpm_long", "trgp", "cuber", "multitask"),
-                                  "arms to run (gpm_long: GPM trained long_epochs per task, an under-training control)")
+    arms: tuple[str, ...] = field(("finetune", "ewc", "gpm", "gpm_long", "trgp", "trgp_long", "cuber", "cuber_long",
+                                   "multitask"), ARMS_HELP)
     n_train: int | None = field(1000, "training images per task (after the validation split)")
     n_test: int | None = field(2000, "test images per task")
     step_degrees: float = field(8.0, "rotation step between consecutive tasks")
 
 
 @register_experiment(
-    "cuber-rotated-fmnist", config=RotatedConfig, reference="gpm", metrics=METRICS,
+    "cuber-rotated-fmnist", config=RotatedConfig, reference="gpm", metrics=METRICS, method="cuber",
     description="10 rotated Fashion-MNIST tasks (0..72 deg, 1000 images each), MLP without bias: "
                 "can CUBER turn GPM's no-forgetting into positive backward transfer?",
     # quick: 5 tasks spanning 0-64 degrees, one epoch at lr 0.05 (demo, not the protocol)
-    profiles={"quick": {"seeds": 2, "n_tasks": 5, "n_test": 1000, "epochs": 1, "lr": 0.05, "step_degrees": 16.0},
-              "full": {"seeds": 5}},
+    profiles={"quick": {"seeds": 2, "val_seeds": 1, "n_tasks": 5, "n_test": 1000, "epochs": 1, "lr": 0.05,
+                        "step_degrees": 16.0, "ewc_grid": (10.0, 1000.0)},
+              "cpu": {"seeds": 20, "arms": ("finetune", "ewc", "gpm", "gpm_long", "trgp", "trgp_long", "cuber",
+                                            "cuber_long", "cuber_val", "multitask")},
+              "full": {"seeds": 20, "arms": _ALL + LONG}},
     plot=plot_matrices,
 )
 def cuber_rotated_fmnist(cfg: RotatedConfig, arm: str, seed: int, engine) -> dict:
-    tasks = rotated_stream(cfg.n_tasks, cfg.step_degrees, cfg.n_train, cfg.n_test, cfg.val_frac, seed, cfg.data_path)
-    return run_arm(cfg, arm, seed, engine, tasks, _mlp)
+    return run_arm(cfg, arm, seed, engine,
+                   lambda c, s: rotated_stream(c.n_tasks, c.step_degrees, c.n_train, c.n_test, c.val_frac, s,
+                                               c.data_path, c.normalize), _mlp)
+
+
+@dataclass(frozen=True)
+class ChunksConfig(StreamConfig):
+    """One 10-class Fashion-MNIST problem in disjoint chunks, one head: the mechanism check for Regime 3."""
+
+    arms: tuple[str, ...] = field(_ALL, ARMS_HELP)
+    n_tasks: int = field(5, "chunks (5-10)")
+    n_train: int | None = field(500, "training images per chunk (after the validation split)")
+    n_test: int | None = field(2000, "test images (the same 10-class test set for every chunk)")
+    epochs: int = field(3, "SGD epochs per chunk (a fixed budget)")
+    lr: float = field(0.05, "SGD learning rate")
+
+
+@register_experiment(
+    "cuber-chunks-fmnist", config=ChunksConfig, reference="gpm", metrics=METRICS, method="cuber",
+    description="one 10-class Fashion-MNIST problem in 5 disjoint 500-image chunks, one head, fixed budget: "
+                "every pair positively correlated, so a working CUBER moves BWT from GPM's towards finetune's",
+    profiles={"quick": {"seeds": 2, "val_seeds": 1, "n_train": 200, "n_test": 500, "epochs": 1,
+                        "ewc_grid": (10.0, 1000.0), "arms": ("finetune", "gpm", "cuber")},
+              "cpu": {"seeds": 20}, "full": {"seeds": 30, "n_tasks": 10}},
+    plot=plot_matrices,
+)
+def cuber_chunks_fmnist(cfg: ChunksConfig, arm: str, seed: int, engine) -> dict:
+    return run_arm(cfg, arm, seed, engine,
+                   lambda c, s: chunks_stream(c.n_tasks, c.n_train, c.n_test, c.val_frac, s, c.data_path,
+                                              c.normalize), _mlp)
+
+
+@dataclass(frozen=True)
+class PairsConfig(SplitConfig):
+    """Binary Fashion-MNIST tasks that share a class, multi-head CNN, trained to convergence (GPM CIFAR protocol)."""
+
+    arms: tuple[str, ...] = field(_ALL, ARMS_HELP)
+    n_tasks: int = field(6, "tasks: the first n_tasks of SHARED_PAIRS (T-shirt/shirt, shirt/pullover, ...)")
+    n_train: int | None = field(200, "training images per class drawn (before the validation split)")
+    n_test: int | None = field(500, "test images per class")
+    val_frac: float = field(0.2, "held-out validation fraction of each task's draw (early stopping)")
+    epochs: int = field(40, "maximum epochs per task")
+    patience: int = field(3, "epochs without lower validation loss before the lr is halved (GPM CIFAR: 6)")
+    lr_min: float = field(1e-3, "stop once the lr falls below this (GPM CIFAR: 1e-5 from lr 0.01)")
+    lr: float = field(0.05, "SGD learning rate")
+    batch_size: int = field(32, "batch size")
+    threshold_step: float = field(0.0, "threshold increase per task")
+
+    def __post_init__(self):
+        StreamConfig.__post_init__(self)
+        if not 2 <= self.n_tasks <= len(SHARED_PAIRS):
+            raise UserError(f"n_tasks must lie in [2, {len(SHARED_PAIRS)}] for the shared-pair stream")
+
+
+@register_experiment(
+    "cuber-pairs-fmnist", config=PairsConfig, reference="gpm", metrics=METRICS, method="cuber",
+    description="6 binary Fashion-MNIST tasks sharing a class (T-shirt/shirt, shirt/pullover, ...), 320 training "
+                "images each, multi-head CNN, validation early stopping with best-model restore",
+    profiles={"quick": {"seeds": 2, "val_seeds": 1, "n_tasks": 3, "n_train": 60, "n_test": 100, "epochs": 4,
+                        "ewc_grid": (10.0, 1000.0), "arms": ("gpm", "trgp", "cuber")},
+              "cpu": {"seeds": 20}, "full": {"seeds": 30}},
+    plot=plot_matrices,
+)
+def cuber_pairs_fmnist(cfg: PairsConfig, arm: str, seed: int, engine) -> dict:
+    return run_arm(cfg, arm, seed, engine,
+                   lambda c, s: split_stream(2, c.n_train, c.n_test, c.val_frac, s, c.data_path, c.normalize,
+                                             list(SHARED_PAIRS[: c.n_tasks])),
+                   lambda: MultiHeadCNN(cfg.n_tasks, 2, cfg.width), multihead_forward)

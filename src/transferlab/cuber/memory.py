@@ -216,13 +216,26 @@ class GradientProjectionMemory:
 
     # ---- representations ---------------------------------------------------------------------
     @torch.no_grad()
-    def collect(self, forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable) -> dict[str, torch.Tensor]:
+    def collect(self, forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable,
+                batch: int | None = None) -> dict[str, torch.Tensor]:
         """Representation matrices A_l (m x n) from one pass over up to max(n_samples) task samples.
 
         `forward(x)` runs the model on a batch; `loader` yields (x, y) batches (a random order gives
-        GPM's random subset). Layer l keeps the first n_samples[l] samples' inputs.
+        GPM's random subset). Layer l keeps the first n_samples[l] samples' inputs. The samples are
+        gathered first and fed in forward batches of `batch` (None = the loader's own batches):
+        with batch-statistics BatchNorm the representations depend on it (GPM's code: one batch of 125).
         """
         need = max(self.n_samples)
+        if batch is not None:
+            xs, got = [], 0
+            for x, _ in loader:
+                xs.append(x[: need - got])
+                got += len(xs[-1])
+                if got >= need:
+                    break
+            if xs:
+                xa = torch.cat(xs)
+                loader = [(xa[i: i + batch], None) for i in range(0, len(xa), batch)]
         store: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
         seen = {n: 0 for n in self.names}
 

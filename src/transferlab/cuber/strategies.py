@@ -196,7 +196,8 @@ class GPM(Strategy):
         self.use_task(task_id)
         dev = self.device
         try:
-            return self.memory.collect(lambda x: self.forward(self.model, x.to(dev), task_id), loader)
+            return self.memory.collect(lambda x: self.forward(self.model, x.to(dev), task_id), loader,
+                                       self.cfg.rep_batch)
         finally:
             self.model.train(was)
 

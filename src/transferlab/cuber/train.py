@@ -30,14 +30,39 @@ def evaluate(model: nn.Module, strategy: Strategy, task, task_id: int, batch_siz
     return 100.0 * correct / max(total, 1)
 
 
+@torch.no_grad()
+def val_loss(model: nn.Module, strategy: Strategy, task, task_id: int, batch_size: int = 1000) -> float:
+    was = model.training
+    model.eval()
+    strategy.use_task(task_id)
+    dev = strategy.device
+    total, n = 0.0, 0
+    for x, y in task.loader(batch_size, None, "val"):
+        total += F.cross_entropy(strategy.forward(model, x.to(dev), task_id), y.to(dev), reduction="sum").item()
+        n += len(y)
+    model.train(was)
+    return total / max(n, 1)
+
+
 def train_task(model: nn.Module, strategy: Strategy, task, task_id: int, *, lr: float, epochs: int,
-               batch_size: int, seed: int, engine=None) -> None:
-    """SGD with a fresh optimiser per task (GPM/TRGP protocol), calling the strategy's hooks."""
+               batch_size: int, seed: int, engine=None, patience: int = 0, lr_factor: float = 2.0,
+               lr_min: float = 1e-5, restore_best: bool = True) -> int:
+    """SGD with a fresh optimiser per task (GPM/TRGP protocol), calling the strategy's hooks.
+
+    patience = 0: a fixed budget of `epochs`. patience > 0: GPM's CIFAR schedule, up to `epochs`
+    epochs; after `patience` epochs without a lower validation loss the lr is divided by
+    `lr_factor`, training stops once it falls below `lr_min`, and with `restore_best` the weights
+    (and the strategy's extra parameters) of the best-validation epoch are restored. Returns the
+    number of epochs run.
+    """
     strategy.before_task(task_id, task.loader(batch_size, seed))
-    params = [p for p in model.parameters() if p.requires_grad] + strategy.extra_parameters()
+    extra = strategy.extra_parameters()
+    params = [p for p in model.parameters() if p.requires_grad] + extra
     opt = torch.optim.SGD(params, lr=lr)
     dev = strategy.device
     model.train()
+    best, best_state, wait, cur = float("inf"), None, patience, lr
+    ran = 0
     for epoch in range(epochs):
         loader = task.loader(batch_size, seed * 7919 + task_id * 101 + epoch)
         it = engine.progress(loader, desc=f"task {task_id} epoch {epoch + 1}/{epochs}") if engine else loader
@@ -47,11 +72,35 @@ def train_task(model: nn.Module, strategy: Strategy, task, task_id: int, *, lr: 
             loss.backward()
             strategy.after_backward(model)
             opt.step()
+        ran = epoch + 1
+        if patience <= 0:
+            continue
+        v = val_loss(model, strategy, task, task_id)
+        if v < best:
+            best, wait = v, patience
+            if restore_best:
+                best_state = ({k: t.detach().clone() for k, t in model.state_dict().items()},
+                              [q.detach().clone() for q in extra])
+        else:
+            wait -= 1
+            if wait <= 0:
+                cur /= lr_factor
+                if cur < lr_min:
+                    break
+                wait = patience
+                for group in opt.param_groups:
+                    group["lr"] = cur
+    if best_state is not None:
+        model.load_state_dict(best_state[0])
+        with torch.no_grad():
+            for q, saved in zip(extra, best_state[1]):
+                q.copy_(saved)
     strategy.after_task(task_id, task.loader(batch_size, seed * 7919 + task_id * 101 + 99))
+    return ran
 
 
 def run_stream(model: nn.Module, strategy: Strategy, tasks, *, lr: float, epochs: int, batch_size: int,
-               seed: int, engine=None, split: str = "test") -> dict:
+               seed: int, engine=None, split: str = "test", **schedule) -> dict:
     """Train on every task in order; returns {"R": T x T list, "b": list} (accuracies in %, on `split`)."""
     T = len(tasks)
     state = engine.load_checkpoint() if engine is not None else None
@@ -64,7 +113,7 @@ def run_stream(model: nn.Module, strategy: Strategy, tasks, *, lr: float, epochs
         R = []
     for t in range(len(R), T):
         train_task(model, strategy, tasks[t], t, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed,
-                   engine=engine)
+                   engine=engine, **schedule)
         R.append([evaluate(model, strategy, tasks[j], j, split=split) for j in range(T)])
         if engine is not None:
             engine.save_checkpoint({"phase": "stream", "model": model.state_dict(),

@@ -21,7 +21,8 @@ def published(tmp_path_factory):
                  *[f"--set={s}" for s in TINY]]) == 0
     (root / "docs").mkdir()
     readme = root / "README.md"
-    readme.write_text("# x\n\n<!-- table: fmnist-transfer -->\nstale\n<!-- /table -->\n\ntext after\n")
+    readme.write_text("# x\n\n<!-- table: fmnist-transfer -->\nstale\n<!-- /table -->\n\ntext after\n"
+                      "<!-- summary -->\n<!-- /summary -->\n")
     publish(out, root / "docs" / "results")
     return root
 
@@ -30,11 +31,12 @@ def test_publish_writes_results_tables_and_blocks(published):
     d = published / "docs" / "results" / "fmnist-transfer"
     assert (d / "results.jsonl").exists() and (d / "table.md").exists() and (d / "metric.png").exists()
     readme = (published / "README.md").read_text()
-    assert "stale" not in readme and (d / "table.md").read_text() in readme and readme.endswith("text after\n")
+    assert "stale" not in readme and (d / "table.md").read_text() in readme and "text after\n" in readme
+    assert "[fmnist-transfer](docs/results/fmnist-transfer/table.md)" in readme and "linear_probe" in readme
     assert check_published(published / "docs" / "results", [published / "README.md"]) == []
 
 
-@pytest.mark.parametrize("victim", ["table", "readme", "results"])
+@pytest.mark.parametrize("victim", ["table", "readme", "summary", "results"])
 def test_a_hand_edit_is_caught(published, victim, tmp_path):
     import shutil
 
@@ -46,6 +48,10 @@ def test_a_hand_edit_is_caught(published, victim, tmp_path):
         table.write_text(table.read_text().replace("±", "+-", 1))
     elif victim == "readme":
         readme.write_text(readme.read_text().replace("±", "+-", 1))
+    elif victim == "summary":
+        text = readme.read_text()
+        head, tail = text.split("<!-- summary -->")
+        readme.write_text(head + "<!-- summary -->" + tail.replace("| 2 |", "| 3 |", 1))
     else:  # a metric changed in the log: the committed tables no longer match it
         log = dest / "fmnist-transfer" / "results.jsonl"
         lines = log.read_text().splitlines()

@@ -99,3 +99,16 @@ def test_cuber_split_overrides_are_order_independent():
     a = exp.make_config("quick", ["n_tasks=2", "classes_per_task=5"])
     b = exp.make_config("quick", ["classes_per_task=5", "n_tasks=2"])
     assert a == b and (a.n_tasks, a.classes_per_task) == (2, 5)
+
+
+def test_minimal_detectable_effect_matches_the_formula_and_shrinks_with_seeds():
+    from transferlab.core.stats import minimal_detectable_effect, verdict
+
+    d = [1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0]  # sd = 1.054, n = 10
+    sd = math.sqrt(10 / 9)
+    assert minimal_detectable_effect(d) == pytest.approx((2.262 + 0.883) * sd / math.sqrt(10), rel=1e-6)
+    assert minimal_detectable_effect(d * 4) < minimal_detectable_effect(d)
+    assert math.isnan(minimal_detectable_effect([1.0]))
+    assert verdict(2.0, 1.0, 0.5) == "better" and verdict(-2.0, 1.0, 0.5) == "worse"
+    assert verdict(-2.0, 1.0, 0.5, higher_is_better=False) == "better"
+    assert verdict(0.2, 1.0, 1.4).startswith("no difference detected (MDE 1.4")

@@ -6,9 +6,12 @@ copies each experiment's results (the rows of its last config) into `docs/result
 generates its tables and plots there, and refreshes every generated block in README.md and
 docs/*.md. A block is written as
 
-    <!-- table: cuber-pfmnist -->
+    <!-- table: cuber-pfmnist -->       (or `<!-- table: NAME full -->` for every metric)
     ...generated, never edited by hand...
     <!-- /table -->
+
+and `<!-- summary -->...<!-- /summary -->` holds one line per published experiment (method minus
+reference on its primary metric, 95% CI, minimal detectable effect and verdict).
 
 `check_published` regenerates every table from its committed results.jsonl and reports any
 difference, so a number typed by hand into a published table or block fails the test suite.
@@ -23,7 +26,7 @@ from pathlib import Path
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_text, read_jsonl
 from .registry import experiments
-from .report import render_experiment, write_experiment_report
+from .report import headline, render_experiment, summary_markdown, write_experiment_report
 from .results import latest_rows
 
 BLOCK = re.compile(r"(<!-- table: ([a-z0-9-]+)(?: (full))? -->\n)(.*?)(<!-- /table -->)", re.S)
@@ -69,10 +72,34 @@ def _block_text(dest: Path, name: str, full: bool) -> str:
     return r["full_table"] if full else r["table"]
 
 
+SUMMARY_BLOCK = re.compile(r"(<!-- summary -->\n)(.*?)(<!-- /summary -->)", re.S)
+
+
+def summary_text(dest: Path, doc: Path) -> str:
+    """The summary table of every published experiment, linked relative to `doc`."""
+    import os
+
+    heads = [headline(r) for d in _published_dirs(dest) if (r := render_experiment(d)) is not None]
+    rel = Path(os.path.relpath(Path(dest).resolve(), Path(doc).resolve().parent))
+    return summary_markdown(heads, link=f"{rel.as_posix()}/{{}}/table.md")
+
+
+def _published_dirs(dest: Path) -> list[Path]:
+    return sorted(p for p in Path(dest).iterdir() if p.is_dir()) if Path(dest).exists() else []
+
+
+def _generated(dest: Path, doc: Path, text: str) -> str:
+    text = BLOCK.sub(lambda m: m.group(1) + _block_text(dest, m.group(2), bool(m.group(3))) + m.group(5), text)
+    if SUMMARY_BLOCK.search(text):
+        summary = summary_text(dest, doc)
+        text = SUMMARY_BLOCK.sub(lambda m: m.group(1) + summary + m.group(3), text)
+    return text
+
+
 def refresh_docs(dest: Path, docs: list[Path]) -> None:
     for doc in docs:
         text = doc.read_text()
-        new = BLOCK.sub(lambda m: m.group(1) + _block_text(dest, m.group(2), bool(m.group(3))) + m.group(5), text)
+        new = _generated(dest, doc, text)
         if new != text:
             atomic_write_text(doc, new)
 
@@ -81,7 +108,7 @@ def check_published(dest: str | Path, docs: list[Path] | None = None) -> list[st
     """Differences between the committed tables and blocks and what their results.jsonl generate."""
     dest = Path(dest)
     problems = []
-    for d in sorted(p for p in dest.iterdir() if p.is_dir()) if dest.exists() else []:
+    for d in _published_dirs(dest):
         if not read_jsonl(d / "results.jsonl"):
             problems.append(f"{d}: no results.jsonl")
             continue
@@ -91,9 +118,10 @@ def check_published(dest: str | Path, docs: list[Path] | None = None) -> list[st
             if have != want:
                 problems.append(f"{d / fname} differs from the table its results.jsonl generates")
     for doc in docs if docs is not None else default_docs(dest):
-        for m in BLOCK.finditer(doc.read_text()):
-            if m.group(4) != _block_text(dest, m.group(2), bool(m.group(3))):
-                problems.append(f"{doc}: the block of {m.group(2)} differs from docs/results/{m.group(2)}")
+        text = doc.read_text()
+        if _generated(dest, doc, text) != text:
+            problems.append(f"{doc}: a generated block differs from what {dest} generates; "
+                            f"run `transferlab report --publish {dest}`")
     return problems
 
 

@@ -57,6 +57,12 @@ class Experiment:
     method: str | None = None  # the arm that is the method under test (default: first non-reference arm)
     headline: tuple[str, ...] = ()  # metrics of the main table (default: the first three of `metrics`)
     cpu_minutes: dict | None = None  # estimated single-machine CPU minutes per profile, for `transferlab list`
+    lower_is_better: tuple[str, ...] | None = None  # metrics where smaller is better (default: by name)
+
+    def higher_is_better(self, metric: str) -> bool:
+        if self.lower_is_better is not None:
+            return metric not in self.lower_is_better
+        return not any(w in metric.lower() for w in ("fid", "loss", "mse", "forgetting", "error", "_s"))
 
     @property
     def primary_metric(self) -> str:
@@ -95,7 +101,7 @@ _loaded = False
 
 
 def register_experiment(name, *, config, reference, metrics, description, profiles, plot=None, method=None,
-                        headline=(), cpu_minutes=None):
+                        headline=(), cpu_minutes=None, lower_is_better=None):
     names = {f.name for f in dataclasses.fields(config)}
     missing = {"arms", "seeds"} - names
     if missing:
@@ -107,7 +113,8 @@ def register_experiment(name, *, config, reference, metrics, description, profil
         if name in _EXPERIMENTS and _EXPERIMENTS[name].fn.__qualname__ != fn.__qualname__:
             raise TypeError(f"experiment name {name!r} is registered twice")
         _EXPERIMENTS[name] = Experiment(name, fn, config, reference, tuple(metrics), description, profiles, plot,
-                                        method, tuple(headline), cpu_minutes)
+                                        method, tuple(headline), cpu_minutes,
+                                        None if lower_is_better is None else tuple(lower_is_better))
         return fn
 
     return deco

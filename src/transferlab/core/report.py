@@ -15,7 +15,7 @@ from pathlib import Path
 from .io import atomic_write_text
 from .registry import experiments, get_experiment
 from .results import latest_rows
-from .stats import fmt_ci, mean_ci, paired_diff
+from .stats import fmt_ci, mean_ci, minimal_detectable_effect, paired_diff, paired_values, verdict
 
 
 def _scalar(v) -> bool:
@@ -140,19 +140,27 @@ def headline(r: dict) -> dict:
     arms = [e["arm"] for e in summary]
     method = exp.method_arm(arms)
     entry = next((e for e in summary if e["arm"] == method), None)
-    diff = None if entry is None else entry["Δ" + exp.primary_metric]
+    metric = exp.primary_metric
+    diff = None if entry is None else entry["Δ" + metric]
+    per_seed = {arm: {row["seed"]: float(row["metrics"][metric]) for row in r["rows"]
+                      if row["arm"] == arm and _scalar(row["metrics"].get(metric))} for arm in (method, exp.reference)}
+    mde = minimal_detectable_effect(paired_values(per_seed[method], per_seed[exp.reference]))
+    words = "–" if diff is None else verdict(diff[0], diff[1], mde, exp.higher_is_better(metric))
     return {"experiment": exp.name, "profile": r["latest"]["profile"], "reference": exp.reference, "method": method,
-            "metric": exp.primary_metric, "diff": diff, "n": 0 if diff is None else diff[2]}
+            "metric": metric, "diff": diff, "n": 0 if diff is None else diff[2], "mde": mde, "verdict": words}
 
 
-def summary_markdown(heads: list[dict]) -> str:
-    lines = ["| experiment | profile | method − reference | metric | paired Δ (95% CI) | seeds |",
-             "|---|---|---|---|---|---|"]
+def summary_markdown(heads: list[dict], link: str = "#{}") -> str:
+    """One row per experiment: method − reference on the primary metric, its CI, MDE and a verdict.
+
+    `link` formats each experiment's link target (an anchor in the report, a file in the docs)."""
+    lines = ["| experiment | profile | method − reference | metric | paired Δ (95% CI) | seeds | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for h in heads:
         smoke = " (smoke run)" if h["profile"] == "quick" else ""
         diff = "–" if h["diff"] is None else fmt_ci(*h["diff"][:2])
-        lines.append(f"| [{h['experiment']}](#{h['experiment']}) | `{h['profile']}`{smoke} | "
-                     f"`{h['method']}` − `{h['reference']}` | {h['metric']} | {diff} | {h['n']} |")
+        lines.append(f"| [{h['experiment']}]({link.format(h['experiment'])}) | `{h['profile']}`{smoke} | "
+                     f"`{h['method']}` − `{h['reference']}` | {h['metric']} | {diff} | {h['n']} | {h['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

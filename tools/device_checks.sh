@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of a session lent a device machine, as one prepared command (see docs/gpu.md).
+# The GPU checks as one command, on a machine without network (see docs/gpu.md).
 #
 #   tools/device_checks.sh STEP [STEP ...]
 #

@@ -1,7 +1,7 @@
-"""Stage the offline data a GPU machine needs into `.device-data/` (git-ignored), within 64 MiB.
+"""Stage the offline data a GPU machine needs into `.device-data/` (git-ignored), in small bundles.
 
-A lent GPU machine has torch and transformers but none of the data, reaches no network, and takes at
-most 64 MiB of files per call (the working tree included). So the data travel in two bundles:
+A GPU machine without network has torch and transformers but none of the data. The data travel in two
+bundles, each at most 64 MiB, so that a size-limited copy can carry either one with the working tree:
 
     python tools/stage_device_data.py text     # all-MiniLM-L6-v2 (fp16 weights, ~45 MB) + WordNet (xz)
     python tools/stage_device_data.py images   # Fashion-MNIST (the Debian package's gz files, ~30 MB)

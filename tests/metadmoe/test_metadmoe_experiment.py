@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from transferlab.core.errors import UserError
+from transferlab.data import load_fashion_mnist
 from transferlab.metadmoe.domains import corrupt, make_domains, rotate, shard_indices
+from transferlab.metadmoe.experiments import ARMS
 
 
 def test_rotation_by_90_degrees_matches_rot90():
@@ -38,6 +40,19 @@ def test_domains_are_disjoint_shards():
         make_domains("rotated", 0, 10_000, 10, 20)
 
 
+def test_validation_domains_are_disjoint_from_every_other_shard():
+    names, doms, val = make_domains("rotated", 0, 50, 10, 20, n_valdom=30)
+    assert [v[0] for v in val] == [7.5, 37.5, 67.5] and not set(v[0] for v in val) & set(names)
+    raw, _ = load_fashion_mnist("train")
+    perm = torch.randperm(len(raw), generator=torch.Generator().manual_seed(0))  # the shards' permutation
+    used = perm[: 6 * 60]  # the six train+val shards
+    val_idx = perm[6 * 60: 6 * 60 + 3 * 30]
+    assert not set(used.tolist()) & set(val_idx.tolist())
+    torch.testing.assert_close(val[0][1][0], rotate(raw[val_idx[:30]].float().div(255).unsqueeze(1), 7.5))
+    _, mixed, mval = make_domains("mixed", 0, 20, 4, 8, n_valdom=6)
+    assert all(d[0][0].shape[1:] == (3, 28, 28) for d in mixed) and [v[0] for v in mval][0] == "rot30"
+
+
 def test_quick_experiment_runs_end_to_end_and_resumes(tmp_path):
     import transferlab.core.registry as registry
     import transferlab.metadmoe.experiments  # noqa: F401  (registers the experiments)
@@ -45,18 +60,29 @@ def test_quick_experiment_runs_end_to_end_and_resumes(tmp_path):
     from transferlab.core.runner import run_experiment
 
     registry._loaded = True  # only this package's experiments are needed here
-    over = {"held_out": (5,), "n_train": 140, "n_val": 64, "n_test": 128, "student_epochs": 1, "expert_epochs": 1,
-            "aggregator_epochs": 1, "meta_epochs": 1, "episodes_per_epoch": 2,
-            "arms": ("erm", "bn_adapt", "tent", "metadmoe", "adapt_no_meta")}
+    over = {"held_out": (5,), "n_train": 140, "n_val": 64, "n_valdom": 64, "n_test": 128, "student_epochs": 3,
+            "patience": 1, "expert_epochs": 2, "aggregator_epochs": 1, "meta_epochs": 1, "episodes_per_epoch": 4,
+            "log_every": 2, "inner_lrs": (1e-3, 1e-2), "tent_lrs": (1e-3, 1e-2)}
     engine = Engine(device="cpu", threads=1)
     out = run_experiment("metadmoe-rotated-fmnist", "quick", overrides=over, out=tmp_path, engine=engine)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["arm"] for r in rows} == set(over["arms"])
+    assert {r["arm"] for r in rows} == set(ARMS)
     for r in rows:
         assert 0 <= r["metrics"]["acc_avg"] <= 100 and r["metrics"]["acc_avg"] == r["metrics"]["acc_d5"]
     by_arm = {r["arm"]: r["metrics"] for r in rows}
-    assert by_arm["tent"]["lr_d5"] in (1e-3, 1e-2, 1e-1) and "meta_loss_after_d5_a0.001" in by_arm["metadmoe"]
+    assert by_arm["tent"]["lr_d5"] in (1e-3, 1e-2) and "val_acc_d5_lr0.01" in by_arm["metadmoe"]
     assert "acc_noadapt_d5" in by_arm["metadmoe"] and "acc_noadapt_d5" not in by_arm["adapt_no_meta"]
-    assert (out / "table.md").exists() and "Protocol and caveats" in (out / "notes.md").read_text()
+    erm = by_arm["erm"]
+    mat = erm["expert_matrix_d5"]
+    assert len(mat) == 5 and all(len(row) == 6 for row in mat) and erm["expert_domains_d5"] == [0, 1, 2, 3, 4]
+    assert {"ensemble_acc_d5", "teacher_acc_d5", "teacher_shead_acc_d5", "mse_teacher_d5"} <= set(erm)
+    assert 1 <= erm["student_epochs_d5"] <= 3  # early stopping chose an epoch
+    meta = by_arm["metadmoe"]
+    assert [c[0] for c in meta["curve_d5"]] == [2, 4] and meta["mse_before_d5"] >= 0
+    assert "oracle_expert_acc_d5" in by_arm["oracle"]
+    assert by_arm["erm_extra"]["acc_d5"] != erm["acc_d5"] or by_arm["erm_extra"] != erm
+    notes = (out / "notes.md").read_text()
+    assert "Protocol and caveats" in notes and "Go/no-go" in notes
+    assert (out / "table.md").exists() and (out / "expert_matrix.png").exists() and (out / "meta_curve.png").exists()
     run_experiment("metadmoe-rotated-fmnist", "quick", overrides=over, out=tmp_path, engine=engine)
     assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)  # nothing re-run

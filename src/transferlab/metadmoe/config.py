@@ -58,6 +58,9 @@ class MetaDMoEConfig:
     student_epochs: int = field(3, "epochs of ERM training of the student on all source domains")
     student_lr: float = field(1e-3, "Adam learning rate of the student's ERM pre-training")
     batch_size: int = field(64, "batch size of the supervised stages 1-3")
+    patience: int = field(0, "early stopping of stages 1 and 3 when validation data is passed: stop after this many "
+                             "epochs without a better validation accuracy and keep the best epoch (0 = run all "
+                             "epochs; official: best OOD-validation checkpoint)")
     # --- stage 4: meta-training ---
     meta_epochs: int = field(2, "meta-training epochs; one epoch = `episodes_per_epoch` episodes")
     episodes_per_epoch: int = field(100, "episodes (meta-updates) per meta-epoch; one domain per episode")
@@ -74,7 +77,7 @@ class MetaDMoEConfig:
             "student_epochs": self.student_epochs >= 0, "meta_epochs": self.meta_epochs >= 0,
             "episodes_per_epoch": self.episodes_per_epoch >= 1, "support_size": self.support_size >= 1,
             "query_size": self.query_size >= 1, "batch_size": self.batch_size >= 1,
-            "lr_decay": 0 < self.lr_decay <= 1, "log_every": self.log_every >= 1,
+            "lr_decay": 0 < self.lr_decay <= 1, "patience": self.patience >= 0, "log_every": self.log_every >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

@@ -1,13 +1,13 @@
-"""Experiments `metadmoe-rotated-fmnist` and `metadmoe-corrupted-fmnist`: leave-one-domain-out test-time adaptation.
+"""Experiments `metadmoe-{rotated,corrupted,mixed}-fmnist`: leave-one-domain-out test-time adaptation.
 
 Protocol (DomainBed-style, paper Sec. 4): six Fashion-MNIST domains, each held out in turn. On the
-five sources we train, per fold: the ERM student (stage 3), one expert per source domain (stage 1),
-the aggregator (stage 2), and Meta-DMoE variants (stage 4). On the held-out domain's test shard,
-every method sees consecutive unlabeled batches of `support_size` images; each batch adapts from
-the source weights (episodic) and is then predicted. Learning rates of adaptation (Meta-DMoE's
-inner step, TENT) are chosen on the sources' validation shards only: for a source domain d we
-adapt with expert d masked out, imitating an unseen domain. The held-out domain is never used to choose.
-Stage results are cached per (seed, fold) beside the run folders, so all arms of a seed are paired.
+five sources we train, per (seed, fold): the ERM student (stage 3) and one expert per source domain
+(stage 1), each early-stopped on its validation data, then the aggregator (stage 2) and the Meta-DMoE
+variants (stage 4). Hyperparameters of adaptation (Meta-DMoE's inner lr, TENT's lr) are chosen on the
+family's three validation domains, which are neither sources nor test folds; the held-out domain is
+never used to choose. At test time the held-out domain's test shard arrives as unlabeled batches of
+`support_size` images (protocol.py). Stage results are cached per (seed, fold) beside the run folders,
+so every arm of a seed shares the same student, experts and aggregator.
 """
 
 from __future__ import annotations
@@ -16,19 +16,22 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..core.config import field
 from ..core.errors import UserError
 from ..core.io import atomic_torch_save
 from ..core.registry import register_experiment
 from ..nn import SmallCNN
+from . import diagnostics as dg
 from .aggregator import Aggregator
-from .baselines import BNAdapt, Tent
 from .config import MetaDMoEConfig
 from .domains import make_domains
 from .model import MetaDMoE
+from .protocol import PROTOCOLS, TENT_MODES, bn_adapt_accuracy, metadmoe_accuracy, static_accuracy, tent_accuracy
 
-ARMS = ("erm", "bn_adapt", "tent", "metadmoe", "no_mask", "first_order", "avg_experts", "adapt_no_meta")
+ARMS = ("erm", "erm_extra", "bn_adapt", "tent", "metadmoe", "no_mask", "first_order", "avg_experts",
+        "adapt_no_meta", "oracle")
 # meta-trained variants: config overrides of MetaDMoEConfig
 VARIANTS = {"metadmoe": {}, "no_mask": {"mask_own_expert": False}, "first_order": {"first_order": True},
             "avg_experts": {"teacher": "average"}}
@@ -40,34 +43,48 @@ class MetaDMoEExperimentConfig:
 
     arms: tuple[str, ...] = field(ARMS, "arms: " + ", ".join(ARMS))
     seeds: int = field(5, "number of seeds (data shards, corruption severities and inits all change)")
-    family: str = field("rotated", "domain family: 'rotated' (0..75 deg) or 'corrupted' (clean + 5 corruptions)")
+    family: str = field("rotated", "domain family: 'rotated' (0..75 deg), 'corrupted' (clean + 5 corruptions) or "
+                                   "'mixed' (clean, rot60, noise, blur, inversion, tint: domains of different kinds)")
     rotation_mode: str = field("bilinear", "rotation interpolation: 'bilinear' (DomainBed) or 'nearest' (no blur)")
     held_out: tuple[int, ...] = field((0, 1, 2, 3, 4, 5), "domains held out in turn (one fold each)")
     n_train: int = field(2000, "training images per domain (disjoint shards of the Fashion-MNIST train split)")
-    n_val: int = field(320, "validation images per source domain (choose learning rates here, never on the target)")
+    n_val: int = field(320, "validation images per domain (early stopping of student and experts)")
+    n_valdom: int = field(512, "images per validation domain (choosing adaptation learning rates)")
     n_test: int = field(1024, "test images of the held-out domain (from the Fashion-MNIST test split)")
     width: int = field(16, "SmallCNN width (experts and student share the architecture)")
     hidden: int = field(64, "SmallCNN feature size D (= aggregator dim)")
     heads: int = field(4, "aggregator attention heads (must divide hidden)")
     support_size: int = field(64, "unlabeled target images per adaptation batch (also the meta-training support)")
-    query_size: int = field(64, "labeled query images per meta-training episode")
-    inner_lrs: tuple[float, ...] = field((1e-3, 3e-3, 1e-2), "candidate inner-step lrs alpha; best on source "
-                                                             "validation (each candidate is meta-trained)")
-    tent_lrs: tuple[float, ...] = field((1e-3, 1e-2, 1e-1), "candidate TENT Adam lrs; best on source validation")
-    student_epochs: int = field(4, "ERM epochs of the student on all sources")
-    expert_epochs: int = field(2, "fine-tuning epochs of each expert on its own domain")
+    query_size: int = field(32, "labeled query images per meta-training episode (support:query = 2:1 as the "
+                                "official Camelyon17 config, 64 of 96)")
+    inner_lrs: tuple[float, ...] = field((3e-4, 1e-3, 3e-3), "candidate inner-step lrs alpha; best on the "
+                                                             "validation domains (each candidate is meta-trained)")
+    tent_lrs: tuple[float, ...] = field((1e-4, 1e-3, 1e-2), "candidate TENT Adam lrs; best on the validation domains")
+    student_epochs: int = field(20, "maximum ERM epochs of the student on all sources (early stopping)")
+    expert_epochs: int = field(20, "maximum epochs of each expert on its own domain (early stopping)")
+    patience: int = field(3, "early stopping of student and experts: epochs without a better validation accuracy")
     aggregator_epochs: int = field(5, "cross-entropy pre-training epochs of the aggregator")
-    meta_epochs: int = field(3, "meta-training epochs")
-    episodes_per_epoch: int = field(150, "meta-training episodes per epoch")
-    outer_lr: float = field(1e-4, "meta-training Adam lr of the student (beta)")
+    meta_epochs: int = field(4, "meta-training epochs")
+    episodes_per_epoch: int = field(250, "meta-training episodes per epoch (one source domain per episode)")
+    log_every: int = field(25, "meta-training curve resolution (episodes per point)")
+    outer_lr: float = field(1e-4, "meta-training Adam lr of the student (beta; official Camelyon17 1e-4)")
     aggregator_meta_lr: float = field(1e-4, "meta-training Adam lr of the aggregator")
     aggregator_lr: float = field(1e-4, "aggregator pre-training Adam lr (official 1e-6..1e-5: stays near init)")
     expert_init: str = field("student", "[reconstructed] experts start from the ERM student ('student') or scratch")
+    protocol: str = field("per_domain", "test-time protocol of Meta-DMoE: 'per_domain' (official: adapt once on the "
+                                        "domain's first unlabeled batch, predict the whole domain) or 'per_batch'")
+    tent_mode: str = field("online", "TENT: 'online' (official: adapts across a domain's batches, reset per "
+                                     "domain) or 'episodic' (reset before every batch)")
+    train_mode: str = field("eval", "student/aggregator mode in meta-training and the test-time step "
+                                    "(official 'eval'; see MetaDMoEConfig.train_mode)")
+    expert_bn: str = field("eval", "experts' BN in the test-time step: 'eval' or 'batch' (official test code)")
+    selection: str = field("val_domains", "where learning rates are chosen: 'val_domains' (the family's validation "
+                                          "domains, all experts) or 'source_val' (source shards, own expert masked)")
     data_path: str | None = field(None, "folder with the Fashion-MNIST IDX files (default: Debian package)")
 
     def __post_init__(self):
-        if self.family not in ("rotated", "corrupted"):
-            raise UserError(f"family must be 'rotated' or 'corrupted', got {self.family!r}")
+        if self.family not in ("rotated", "corrupted", "mixed"):
+            raise UserError(f"family must be 'rotated', 'corrupted' or 'mixed', got {self.family!r}")
         if not self.held_out or any(not 0 <= d < 6 for d in self.held_out) or len(set(self.held_out)) < len(
                 self.held_out):
             raise UserError(f"held_out must list distinct domain indices in 0..5, got {self.held_out}")
@@ -75,173 +92,244 @@ class MetaDMoEExperimentConfig:
             raise UserError("inner_lrs and tent_lrs must each list at least one learning rate")
         if self.n_train < self.support_size + self.query_size:
             raise UserError("n_train must be at least support_size + query_size (one meta-training episode)")
-        if self.n_val < 2 or self.n_test < 2:
-            raise UserError("n_val and n_test must be at least 2 (batch statistics need two images)")
+        if self.n_val < 2 or self.n_test < 2 or self.n_valdom < 2:
+            raise UserError("n_val, n_valdom and n_test must be at least 2 (batch statistics need two images)")
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad:
+            raise UserError(f"unknown arm(s) {', '.join(bad)}; choose from {', '.join(ARMS)}")
+        for name, value, allowed in (("protocol", self.protocol, PROTOCOLS), ("tent_mode", self.tent_mode, TENT_MODES),
+                                     ("train_mode", self.train_mode, ("eval", "train")),
+                                     ("expert_bn", self.expert_bn, ("eval", "batch")),
+                                     ("selection", self.selection, ("val_domains", "source_val"))):
+            if value not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class CorruptedConfig(MetaDMoEExperimentConfig):
     """Corrupted Fashion-MNIST: clean, Gaussian noise, blur, low contrast, inversion, colour tint (3 channels)."""
 
-    family: str = field("corrupted", "domain family: 'rotated' (0..75 deg) or 'corrupted' (clean + 5 corruptions)")
+    family: str = field("corrupted", "domain family: 'rotated', 'corrupted' or 'mixed'")
+
+
+@dataclass(frozen=True)
+class MixedConfig(MetaDMoEExperimentConfig):
+    """Mixed Fashion-MNIST: clean, 60 deg rotation, noise, blur, inversion, colour tint (3 channels)."""
+
+    family: str = field("mixed", "domain family: 'rotated', 'corrupted' or 'mixed'")
 
 
 def _method_config(cfg, variant: str, alpha: float) -> MetaDMoEConfig:
     base = MetaDMoEConfig(
-        inner_lr=alpha, student_epochs=cfg.student_epochs, expert_epochs=cfg.expert_epochs,
+        inner_lr=alpha, student_epochs=cfg.student_epochs, expert_epochs=cfg.expert_epochs, patience=cfg.patience,
         aggregator_epochs=cfg.aggregator_epochs, aggregator_lr=cfg.aggregator_lr, meta_epochs=cfg.meta_epochs,
         episodes_per_epoch=cfg.episodes_per_epoch, support_size=cfg.support_size, query_size=cfg.query_size,
-        outer_lr=cfg.outer_lr, aggregator_meta_lr=cfg.aggregator_meta_lr, expert_init=cfg.expert_init)
+        outer_lr=cfg.outer_lr, aggregator_meta_lr=cfg.aggregator_meta_lr, expert_init=cfg.expert_init,
+        train_mode=cfg.train_mode, expert_bn=cfg.expert_bn, log_every=cfg.log_every)
     return dataclasses.replace(base, **VARIANTS.get(variant, {}))
 
 
-def _new_model(cfg, mcfg: MetaDMoEConfig) -> MetaDMoE:
+def _cnn(cfg) -> SmallCNN:
+    return SmallCNN(10, in_channels=1 if cfg.family == "rotated" else 3, width=cfg.width, hidden=cfg.hidden)
+
+
+def _new_model(cfg, mcfg: MetaDMoEConfig, state: dict | None = None) -> MetaDMoE:
     c = 1 if cfg.family == "rotated" else 3
-    cnn = lambda: SmallCNN(10, in_channels=c, width=cfg.width, hidden=cfg.hidden)  # noqa: E731
-    return MetaDMoE([cnn() for _ in range(5)], Aggregator(cfg.hidden, heads=cfg.heads, num_classes=10), cnn(), mcfg,
-                    input_shape=(c, 28, 28))
+    m = MetaDMoE([_cnn(cfg) for _ in range(5)], Aggregator(cfg.hidden, heads=cfg.heads, num_classes=10), _cnn(cfg),
+                 mcfg, input_shape=(c, 28, 28))
+    if state is not None:
+        m.load_state_dict(state)
+        for e in m.experts:
+            e.requires_grad_(False)
+    return m
 
 
-def _base(cfg, seed, fold, sources, engine) -> dict:
-    """Stages 3, 1, 2 for one (seed, fold), cached so every arm of this seed shares them."""
-    path = engine.run_dir.parent / f"base-seed{seed}-fold{fold}.pt"
-    if path.exists():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    torch.manual_seed(seed * 100 + fold)
-    m = _new_model(cfg, _method_config(cfg, "metadmoe", cfg.inner_lrs[0]))
-    prog = engine.progress
-    m.pretrain_student(sources, seed=seed, progress=prog)
-    m.train_experts(sources, seed=seed, progress=prog)
-    m.pretrain_aggregator(sources, seed=seed, progress=prog)
-    state = {k: v.detach().cpu() for k, v in m.state_dict().items()}
-    atomic_torch_save(state, path)
-    return state
+def _base(cfg, seed, fold, sources, vals, ctx) -> dict:
+    """Stages 3, 1, 2 for one (seed, fold), built once and shared by every arm of this seed."""
+    def build():
+        torch.manual_seed(seed * 100 + fold)
+        m = _new_model(cfg, _method_config(cfg, "metadmoe", cfg.inner_lrs[0]))
+        m.pretrain_student(sources, seed=seed, progress=ctx.progress, val=vals)
+        m.train_experts(sources, seed=seed, progress=ctx.progress, val=vals)
+        m.pretrain_aggregator(sources, seed=seed, progress=ctx.progress)
+        return {"state": {k: v.detach().cpu() for k, v in m.state_dict().items()}, "fit_log": m.fit_log}
+
+    return ctx.shared(f"base-fold{fold}", build)
 
 
-def _meta(cfg, seed, fold, variant, alpha, sources, base, engine) -> tuple[MetaDMoE, list]:
+def _meta(cfg, seed, fold, variant, alpha, sources, base, engine) -> MetaDMoE:
     """Stage 4 of one variant, cached; per-epoch checkpoints let a killed run resume mid-training."""
-    mcfg = _method_config(cfg, variant, alpha)
-    m = _new_model(cfg, mcfg)
-    m.load_state_dict(base)
-    for e in m.experts:
-        e.requires_grad_(False)
+    m = _new_model(cfg, _method_config(cfg, variant, alpha), base["state"])
     path = engine.run_dir.parent / f"meta-{variant}-a{alpha:g}-seed{seed}-fold{fold}.pt"
     if path.exists():
         blob = torch.load(path, map_location="cpu", weights_only=False)
         m.load_state_dict(blob["model"])
-        return m, blob["history"]
+        m.history, m.curve = blob["history"], blob["curve"]
+        return m
     partial = path.with_suffix(".partial")
     start, opts = 0, None
-    if partial.exists():  # resume: model, optimisers and history of the last finished epoch
+    if partial.exists():  # resume: model, optimisers, history and curve of the last finished epoch
         blob = torch.load(partial, map_location="cpu", weights_only=False)
         m.load_state_dict(blob["model"])
-        m.history = blob["history"]
-        start = blob["epoch"]
-        opts = m.meta_optimizers()
+        m.history, m.curve, start = blob["history"], blob["curve"], blob["epoch"]
+        opts = m.meta_optimizers(m.config.lr_decay ** start)
         for o, s in zip(opts, blob["opts"]):
             o.load_state_dict(s)
 
     def save(epoch, optimizers):
-        atomic_torch_save({"model": m.state_dict(), "history": m.history, "epoch": epoch + 1,
+        atomic_torch_save({"model": m.state_dict(), "history": m.history, "curve": m.curve, "epoch": epoch + 1,
                            "opts": [o.state_dict() for o in optimizers]}, partial)
 
     m.meta_train(sources, seed=seed + 1000 * fold, progress=engine.progress, start_epoch=start, optimizers=opts,
                  on_epoch_end=save)
-    atomic_torch_save({"model": m.state_dict(), "history": m.history}, path)
+    atomic_torch_save({"model": m.state_dict(), "history": m.history, "curve": m.curve}, path)
     partial.unlink(missing_ok=True)
-    return m, m.history
+    return m
 
 
-@torch.no_grad()
-def _episodic_acc(predict, x: torch.Tensor, y: torch.Tensor, bs: int) -> float:
-    """Accuracy when each consecutive batch of `bs` images is adapted to and then predicted."""
-    chunks = list(torch.arange(len(x)).split(bs))
-    if len(chunks) > 1 and len(chunks[-1]) < 2:  # batch statistics need two images
-        chunks[-2:] = [torch.cat(chunks[-2:])]
-    correct = sum((predict(x[b]).argmax(-1) == y[b]).sum().item() for b in chunks)
-    return correct / len(x)
+def _erm_extra(cfg, seed, fold, sources, base) -> torch.nn.Module:
+    """The ERM student given as many extra labeled Adam steps as meta-training has episodes.
+
+    Same sampler (one source domain per step), the query's labeled images, the outer lr and its decay,
+    and the student mode of meta-training: only the distillation step is missing.
+    """
+    m = _new_model(cfg, _method_config(cfg, "metadmoe", cfg.inner_lrs[0]), base["state"])
+    s, mc = m.student, m.config
+    opt = torch.optim.Adam(s.parameters(), lr=mc.outer_lr)
+    for epoch in range(mc.meta_epochs):
+        for _, xq, yq, _ in m.episodes(sources, epoch, seed + 1000 * fold):
+            s.train(mc.train_mode == "train")
+            loss = F.cross_entropy(s.head(s.features(xq)), yq)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for g in opt.param_groups:
+            g["lr"] *= mc.lr_decay
+    return s.eval()
 
 
-def _val_acc(make_predict, vals, bs: int) -> float:
-    """Mean episodic accuracy over source validation shards; `make_predict(d)` masks expert d if it can."""
-    return sum(_episodic_acc(make_predict(d), x, y, bs) for d, (x, y) in enumerate(vals)) / len(vals)
+def _oracle_expert(cfg, seed, fold, domains, base) -> torch.nn.Module:
+    """An expert trained on the held-out domain itself (its train shard, early-stopped on its val shard)."""
+    m = _new_model(cfg, _method_config(cfg, "metadmoe", cfg.inner_lrs[0]), base["state"])
+    oracle = MetaDMoE([_cnn(cfg)], None, m.student, dataclasses.replace(m.config, teacher="average"),
+                      input_shape=m.input_shape, student_pretrained=True)
+    oracle.train_experts([domains[fold][0]], seed=seed + 77, val=[domains[fold][1]])
+    return oracle.experts[0].eval()
 
 
-def _adapt_predict(m: MetaDMoE, exclude):
-    def predict(xb):
-        return m.adapt(xb, exclude_expert=exclude).predict(xb)
-    return predict
+def _choose(cfg, scorer, candidates, sel_sets) -> tuple:
+    """Best candidate by mean accuracy over the selection sets; ties go to the first listed."""
+    scored = {c: sum(scorer(c, d, x, y) for d, (x, y) in sel_sets) / len(sel_sets) for c in candidates}
+    return max(scored, key=lambda c: scored[c]), scored
 
 
-def run_fold(cfg, arm: str, seed: int, fold: int, domains, engine) -> dict:
-    """Held-out accuracy of one arm on domain `fold`, plus what was chosen on source validation."""
+def _base_diagnostics(cfg, fold, m: MetaDMoE, domains, src, fit_log) -> dict:
+    """Per fold: expert x domain matrix, ensemble, teacher through both heads, ERM-student distance."""
+    xt, yt = domains[fold][2]
+    evals = [domains[d][2] if d == fold else domains[d][1] for d in range(6)]  # held-out: its test shard
+    out = {f"expert_matrix_d{fold}": [[100 * a for a in row] for row in dg.expert_matrix(m, evals)],
+           f"expert_domains_d{fold}": src,
+           f"ensemble_acc_d{fold}": 100 * dg.ensemble_accuracy(m, xt, yt),
+           f"teacher_acc_d{fold}": 100 * dg.teacher_accuracy(m, xt, yt, head="aggregator"),
+           f"teacher_shead_acc_d{fold}": 100 * dg.teacher_accuracy(m, xt, yt, head="student"),
+           f"mse_teacher_d{fold}": dg.feature_mse(m, xt)["before"],
+           f"student_epochs_d{fold}": fit_log["student"]["best_epoch"],
+           f"expert_epochs_d{fold}": [fit_log[f"expert{k}"]["best_epoch"] for k in range(5)]}
+    return out
+
+
+def run_fold(cfg, arm: str, seed: int, fold: int, domains, valdoms, engine) -> dict:
+    """Held-out accuracy of one arm on domain `fold`, its diagnostics, and what was chosen on validation."""
     src = [d for d in range(6) if d != fold]
     sources = [domains[d][0] for d in src]
     vals = [domains[d][1] for d in src]
     xt, yt = domains[fold][2]
-    base = _base(cfg, seed, fold, sources, engine)
+    base = _base(cfg, seed, fold, sources, vals, engine)
     bs = cfg.support_size
-    out = {}
-    # choices: candidate hyperparameter -> function(d) giving a batch predictor; d = masked source domain
-    # on validation, None at test time (the held-out domain has no expert, so none is masked)
-    if arm in ("erm", "bn_adapt", "tent"):
-        m = _new_model(cfg, _method_config(cfg, "metadmoe", cfg.inner_lrs[0]))
-        m.load_state_dict(base)
-        student = m.student.eval()
-        if arm == "erm":
-            choices = {None: lambda d: student}
-        elif arm == "bn_adapt":
-            bn = BNAdapt(student)
-            choices = {None: lambda d: bn.predict}
-        else:
-            def tent_predict(lr):
-                tent = Tent(student, lr=lr)  # episodic: every batch starts from the ERM student
+    # selection sets: (masked source index or None, (x, y)); the held-out domain is never among them
+    sel = ([(None, xy) for xy in valdoms] if cfg.selection == "val_domains"
+           else [(i, xy) for i, xy in enumerate(vals)])
+    out: dict = {}
 
-                def predict(xb):
-                    tent.update(xb)
-                    return tent.predict(xb)
-                return predict
-            choices = {lr: (lambda d, lr=lr: tent_predict(lr)) for lr in cfg.tent_lrs}
+    def plain(variant="metadmoe", alpha=cfg.inner_lrs[0]):
+        return _new_model(cfg, _method_config(cfg, variant, alpha), base["state"])
+
+    if arm in ("erm", "erm_extra", "bn_adapt", "tent"):
+        student = (_erm_extra(cfg, seed, fold, sources, base) if arm == "erm_extra" else plain().student.eval())
+        if arm in ("erm", "erm_extra"):
+            acc = static_accuracy(student, xt, yt, bs)
+            if arm == "erm":
+                out.update(_base_diagnostics(cfg, fold, plain(), domains, src, base["fit_log"]))
+        elif arm == "bn_adapt":
+            acc = bn_adapt_accuracy(student, xt, yt, bs)
+        else:
+            lr, scored = _choose(cfg, lambda c, d, x, y: tent_accuracy(student, x, y, bs, c, cfg.tent_mode),
+                                 cfg.tent_lrs, sel)
+            acc = tent_accuracy(student, xt, yt, bs, lr, cfg.tent_mode)
+            out.update({f"lr_d{fold}": lr, f"val_acc_d{fold}": 100 * scored[lr],
+                        **{f"val_acc_d{fold}_lr{k:g}": 100 * v for k, v in scored.items()}})
+        out[f"acc_d{fold}"] = 100 * acc
+        return out
+
+    target_fn = None
+    if arm == "oracle":  # a bound, not a method: one step towards a target-trained expert, lr chosen on the target
+        oracle = _oracle_expert(cfg, seed, fold, domains, base)
+        out[f"oracle_expert_acc_d{fold}"] = 100 * static_accuracy(oracle, xt, yt, bs)
+
+        def target_fn(xb):
+            with torch.no_grad():
+                return oracle.features(xb)
+
+    models = {a: plain("metadmoe", a) if arm in ("adapt_no_meta", "oracle") else
+              _meta(cfg, seed, fold, arm, a, sources, base, engine) for a in cfg.inner_lrs}
+
+    def score(alpha, d, x, y):
+        excl = None if d is None else models[alpha].expert_of(d)
+        return metadmoe_accuracy(models[alpha], x, y, bs, cfg.protocol, excl)[0]
+
+    if arm == "oracle":
+        sel_test = {a: metadmoe_accuracy(models[a], xt, yt, bs, cfg.protocol, target_fn=target_fn) for a in models}
+        best = max(sel_test, key=lambda a: sel_test[a][0])
+        acc, mse = sel_test[best]
     else:
-        choices, models = {}, {}
-        for alpha in cfg.inner_lrs:
-            if arm == "adapt_no_meta":
-                m = _new_model(cfg, _method_config(cfg, "metadmoe", alpha))
-                m.load_state_dict(base)
-            else:
-                m, hist = _meta(cfg, seed, fold, arm, alpha, sources, base, engine)
-                out[f"meta_loss_before_d{fold}_a{alpha:g}"] = hist[-1]["loss_before"] if hist else float("nan")
-                out[f"meta_loss_after_d{fold}_a{alpha:g}"] = hist[-1]["loss_after"] if hist else float("nan")
-            models[alpha] = m
-            choices[alpha] = (lambda d, m=m: _adapt_predict(m, None if d is None else m.expert_of(d)))
-    scored = {k: _val_acc(make, vals, bs) for k, make in choices.items()}
-    best = max(scored, key=lambda k: scored[k])  # ties: the first listed candidate
-    test_acc = _episodic_acc(choices[best](None), xt, yt, bs)
-    if arm in VARIANTS:  # control: the meta-trained student without its adaptation step
-        out[f"acc_noadapt_d{fold}"] = 100 * _episodic_acc(lambda xb: models[best].predict(xb), xt, yt, bs)
-    out.update({f"acc_d{fold}": 100 * test_acc, f"val_acc_d{fold}": 100 * scored[best]})
-    if len(scored) > 1:  # every candidate's source-validation score, for the record
-        out.update({f"val_acc_d{fold}_lr{k:g}": 100 * v for k, v in scored.items()})
-    if best is not None:
-        out[f"lr_d{fold}"] = best
+        best, scored = _choose(cfg, score, cfg.inner_lrs, sel)
+        acc, mse = metadmoe_accuracy(models[best], xt, yt, bs, cfg.protocol)
+        out.update({f"val_acc_d{fold}": 100 * scored[best],
+                    **{f"val_acc_d{fold}_lr{k:g}": 100 * v for k, v in scored.items()}})
+    m = models[best]
+    out.update({f"acc_d{fold}": 100 * acc, f"lr_d{fold}": best, f"mse_before_d{fold}": mse["before"],
+                f"mse_after_d{fold}": mse["after"]})
+    if arm in VARIANTS:  # control: the meta-trained student without its step; and what its teacher knows
+        out[f"acc_noadapt_d{fold}"] = 100 * static_accuracy(m.predict, xt, yt, bs)
+        out[f"teacher_shead_acc_d{fold}"] = 100 * dg.teacher_accuracy(m, xt, yt, head="student")
+        out[f"curve_d{fold}"] = [[c["episode"], c["loss_before"], c["loss_after"]] for c in m.curve]
+        if m.history:
+            out[f"meta_loss_before_d{fold}"] = m.history[-1]["loss_before"]
+            out[f"meta_loss_after_d{fold}"] = m.history[-1]["loss_after"]
     return out
 
 
+AVERAGED = ("acc", "acc_noadapt", "ensemble_acc", "teacher_acc", "teacher_shead_acc", "mse_before", "mse_after",
+            "mse_teacher", "oracle_expert_acc")
+
+
 def _run(cfg, arm: str, seed: int, engine) -> dict:
-    names, domains = make_domains(cfg.family, seed, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_path,
-                                  cfg.rotation_mode)
+    names, domains, valdoms = make_domains(cfg.family, seed, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_path,
+                                           cfg.rotation_mode, n_valdom=cfg.n_valdom)
+    valdoms = [xy for _, xy in valdoms]
     ckpt = engine.load_checkpoint() or {"metrics": {}, "folds": []}
     metrics = ckpt["metrics"]
     for fold in cfg.held_out:
         if fold in ckpt["folds"]:
             continue  # finished before an interruption
         engine.print0(f"  fold {fold} (held out: {names[fold]})")
-        metrics.update(run_fold(cfg, arm, seed, fold, domains, engine))
+        metrics.update(run_fold(cfg, arm, seed, fold, domains, valdoms, engine))
         ckpt["folds"].append(fold)
         engine.save_checkpoint({"metrics": metrics, "folds": ckpt["folds"]})
-    metrics["acc_avg"] = sum(metrics[f"acc_d{d}"] for d in cfg.held_out) / len(cfg.held_out)
-    if arm in VARIANTS:
-        metrics["acc_noadapt_avg"] = sum(metrics[f"acc_noadapt_d{d}"] for d in cfg.held_out) / len(cfg.held_out)
+    for key in AVERAGED:
+        vals = [metrics[f"{key}_d{d}"] for d in cfg.held_out if f"{key}_d{d}" in metrics]
+        if len(vals) == len(cfg.held_out):
+            metrics[f"{key}_avg"] = sum(vals) / len(vals)
     return metrics
 
 
@@ -251,31 +339,31 @@ def _plot(rows, cfg, out_dir):
     return plot_results(rows, cfg, out_dir)
 
 
-METRICS = ("acc_avg",) + tuple(f"acc_d{d}" for d in range(6)) + ("acc_noadapt_avg",)
-# quick: 2 of 6 folds, 1 seed, short training, one inner lr (1e-3, chosen on source validation in a pilot:
-# seed 0, fold 0, candidates 1e-3 / 3e-3 / 1e-2 gave 77.7 / 77.5 / 77.0 % source-validation accuracy)
-QUICK = {"seeds": 1, "held_out": (0, 5), "n_train": 600, "n_val": 128, "n_test": 512, "student_epochs": 2,
-         "expert_epochs": 1, "aggregator_epochs": 3, "meta_epochs": 1, "episodes_per_epoch": 40,
-         "query_size": 32, "inner_lrs": (1e-3,)}
-# cpu: the quick sizes on all six folds and five seeds (what fits a shared 2-core machine in about an hour)
-CPU = {**QUICK, "seeds": 5, "held_out": (0, 1, 2, 3, 4, 5)}
+METRICS = ("acc_avg",) + tuple(f"acc_d{d}" for d in range(6)) + (
+    "acc_noadapt_avg", "ensemble_acc_avg", "teacher_acc_avg", "teacher_shead_acc_avg", "mse_before_avg",
+    "mse_after_avg")
+# quick (the demo and the tests' sizes): 2 of 6 folds, 1 seed, short training, one inner lr
+QUICK = {"seeds": 1, "held_out": (0, 5), "n_train": 600, "n_val": 128, "n_valdom": 128, "n_test": 512,
+         "student_epochs": 2, "expert_epochs": 1, "patience": 0, "aggregator_epochs": 3, "meta_epochs": 1,
+         "episodes_per_epoch": 40, "log_every": 10, "inner_lrs": (1e-3,), "tent_lrs": (1e-3,)}
+# cpu: sized for <= 2 h with --jobs 2 on 2 cores (docs/metadmoe.md gives the measured cost per (arm, seed))
+CPU = {"seeds": 5, "held_out": (0, 3, 5), "n_train": 1500, "n_val": 256, "n_valdom": 256, "n_test": 1024,
+       "student_epochs": 12, "expert_epochs": 12, "patience": 2, "aggregator_epochs": 3, "meta_epochs": 3,
+       "episodes_per_epoch": 150, "inner_lrs": (3e-4, 1e-3, 3e-3), "tent_lrs": (1e-4, 1e-3, 1e-2)}
 FULL = {"seeds": 5}
 PROFILES = {"quick": QUICK, "cpu": CPU, "full": FULL}
 
 
-@register_experiment(
-    "metadmoe-rotated-fmnist", config=MetaDMoEExperimentConfig, reference="erm", metrics=METRICS,
-    description="Meta-DMoE test-time adaptation on held-out rotations of Fashion-MNIST vs ERM, BN-adapt, TENT",
-    profiles=PROFILES, plot=_plot)
-def metadmoe_rotated(cfg, arm, seed, engine):
-    return _run(cfg, arm, seed, engine)
+def _register(name: str, config, what: str):
+    @register_experiment(
+        name, config=config, reference="erm", metrics=METRICS, profiles=PROFILES, plot=_plot,
+        description=f"Meta-DMoE test-time adaptation on held-out {what} of Fashion-MNIST vs ERM, BN-adapt, TENT")
+    def experiment(cfg, arm, seed, engine):
+        return _run(cfg, arm, seed, engine)
+
+    return experiment
 
 
-@register_experiment(
-    "metadmoe-corrupted-fmnist", config=CorruptedConfig, reference="erm", metrics=METRICS,
-    description="Meta-DMoE test-time adaptation on held-out corruptions of Fashion-MNIST vs ERM, BN-adapt, TENT",
-    profiles=PROFILES, plot=_plot)
-def metadmoe_corrupted(cfg, arm, seed, engine):
-    return _run(cfg, arm, seed, engine)
-
-
+metadmoe_rotated = _register("metadmoe-rotated-fmnist", MetaDMoEExperimentConfig, "rotations")
+metadmoe_corrupted = _register("metadmoe-corrupted-fmnist", CorruptedConfig, "corruptions")
+metadmoe_mixed = _register("metadmoe-mixed-fmnist", MixedConfig, "mixed-kind domains")

@@ -107,6 +107,22 @@ class AdaptedStudent:
     __call__ = predict
 
 
+@torch.no_grad()
+def _val_accuracy(module: nn.Module, val: Sequence[Domain], device) -> float:
+    """Pooled eval-mode accuracy of `module.head(module.features(x))` over (x, y) pairs."""
+    was = module.training
+    module.eval()
+    correct = total = 0
+    try:
+        for x, y in val:
+            for b in torch.arange(len(x)).split(512):
+                correct += (module.head(module.features(x[b].to(device))).argmax(-1).cpu() == y[b]).sum().item()
+            total += len(x)
+    finally:
+        module.train(was)
+    return correct / max(total, 1)
+
+
 class MetaDMoE(nn.Module):
     """Meta-distillation from a mixture of domain experts (Zhong et al., NeurIPS 2022).
 
@@ -151,6 +167,7 @@ class MetaDMoE(nn.Module):
         self.layout = Layout(channels_last)
         self.history: list[dict] = []
         self.curve: list[dict] = []  # meta-training query loss before/after the step, per `log_every` episodes
+        self.fit_log: dict[str, dict] = {}  # epochs run / best epoch / validation accuracy of stages 1 and 3
 
     @property
     def device(self) -> torch.device:
@@ -336,18 +353,45 @@ class MetaDMoE(nn.Module):
             out.append((x, y))
         return out
 
-    def _fit(self, params, loss_fn: Callable, n: int, epochs: int, lr: float, seed: int, progress=None, desc=""):
-        opt = torch.optim.Adam(params, lr=lr)
+    def _fit(self, module: nn.Module, loss_fn: Callable, n: int, epochs: int, lr: float, seed: int, progress=None,
+             desc="", val: Sequence[Domain] | None = None) -> dict:
+        """Adam on `module`; with `val` and `config.patience > 0`, early stopping on `val` accuracy.
+
+        Early stopping keeps the weights (and BN statistics) of the best epoch and stops after
+        `patience` epochs without a better one; returns {"epochs": run, "best_epoch", "val_acc"}.
+        """
+        opt = torch.optim.Adam(module.parameters(), lr=lr)
+        stop = val is not None and self.config.patience > 0
+        best, best_state, best_epoch, run = -1.0, None, 0, 0
         for epoch in range(epochs):
+            module.train()
             chunks = batches(n, self.config.batch_size, seed=seed * 1000 + epoch)
             for b in (progress(chunks, desc=f"{desc} {epoch + 1}/{epochs}") if progress else chunks):
                 loss = loss_fn(b)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            run = epoch + 1
+            if stop:
+                acc = _val_accuracy(module, val, self.device)
+                if acc > best:
+                    best, best_epoch = acc, run
+                    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                elif run - best_epoch >= self.config.patience:
+                    break
+        if best_state is not None:
+            module.load_state_dict(best_state)
+        module.eval()
+        return {"epochs": run, "best_epoch": best_epoch if stop else run,
+                "val_acc": best if stop else _val_accuracy(module, val, self.device) if val else float("nan")}
 
-    def pretrain_student(self, domains: Sequence[Domain], seed: int = 0, progress=None) -> MetaDMoE:
-        """Stage 3: ERM of the student on the union of all source domains (BN in train mode)."""
+    def pretrain_student(self, domains: Sequence[Domain], seed: int = 0, progress=None,
+                         val: Sequence[Domain] | None = None) -> MetaDMoE:
+        """Stage 3: ERM of the student on the union of all source domains (BN in train mode).
+
+        With `val` (source validation (x, y) pairs) and `config.patience > 0`: early stopping on
+        their pooled accuracy. What happened is in `self.fit_log["student"]`.
+        """
         domains = self._domains(domains)
         x = torch.cat([d[0] for d in domains])
         y = torch.cat([d[1] for d in domains])
@@ -357,16 +401,18 @@ class MetaDMoE(nn.Module):
         def loss(b):
             return F.cross_entropy(s.head(s.features(x[b].to(dev))), y[b].to(dev))
 
-        self._fit(s.parameters(), loss, len(x), self.config.student_epochs, self.config.student_lr, seed, progress,
-                  "student epoch")
-        s.eval()
+        self.fit_log["student"] = self._fit(s, loss, len(x), self.config.student_epochs, self.config.student_lr,
+                                            seed, progress, "student epoch", val)
         self.student_ready.fill_(True)
         return self
 
-    def train_experts(self, domains: Sequence[Domain], seed: int = 0, progress=None) -> MetaDMoE:
+    def train_experts(self, domains: Sequence[Domain], seed: int = 0, progress=None,
+                      val: Sequence[Domain] | None = None) -> MetaDMoE:
         """Stage 1: cross-entropy training of each expert on its domains (per `groups`), then freeze it.
 
         With `config.expert_init == "student"` each expert starts from the student's current weights.
+        With `val` (one (x, y) per source domain) and `config.patience > 0` each expert stops early on
+        the accuracy of its own domains' validation data (`self.fit_log["expert<k>"]`).
         """
         if self.config.expert_init == "student" and not bool(self.student_ready):
             raise UserError("train_experts starts every expert from the student (expert_init='student'), but the "
@@ -396,9 +442,9 @@ class MetaDMoE(nn.Module):
             def loss(b, e=e, x=x, y=y, dev=dev):
                 return F.cross_entropy(e.head(e.features(x[b].to(dev))), y[b].to(dev))
 
-            self._fit(e.parameters(), loss, len(x), self.config.expert_epochs, self.config.expert_lr,
-                      seed * 100 + k, progress, f"expert {k} epoch")
-            e.eval()
+            mine_val = [v for v, g in zip(val, self.groups) if g == k] if val is not None else None
+            self.fit_log[f"expert{k}"] = self._fit(e, loss, len(x), self.config.expert_epochs, self.config.expert_lr,
+                                                   seed * 100 + k, progress, f"expert {k} epoch", mine_val)
             for p in e.parameters():
                 p.requires_grad_(False)  # frozen feature extractors from now on
         return self
@@ -420,9 +466,8 @@ class MetaDMoE(nn.Module):
         def loss(b):
             return F.cross_entropy(a(tokens[b]), y[b])
 
-        self._fit(a.parameters(), loss, len(x), self.config.aggregator_epochs, self.config.aggregator_lr, seed,
+        self._fit(a, loss, len(x), self.config.aggregator_epochs, self.config.aggregator_lr, seed,
                   progress, "aggregator epoch")
-        a.eval()
         return self
 
     def episodes(self, domains: Sequence[Domain], epoch: int, seed: int = 0):

@@ -1,4 +1,4 @@
-"""Per-domain accuracy plot and the notes (protocol and caveats) under the results table."""
+"""Plots (per-domain accuracy, expert x domain heatmap, meta-training curve) and the notes under the table."""
 
 from __future__ import annotations
 
@@ -6,66 +6,144 @@ from pathlib import Path
 
 from ..core.io import atomic_write_text
 from ..core.stats import fmt_ci, mean_ci
-from .domains import CORRUPTIONS, ROTATIONS
+from .domains import FAMILIES, VAL_DOMAINS
 
 META_ARMS = ("metadmoe", "no_mask", "first_order", "avg_experts")
 
 
+def _paired(by, a, b, key, seeds):
+    return [by[(a, s)][key] - by[(b, s)][key] for s in seeds
+            if (a, s) in by and (b, s) in by and key in by[(a, s)] and key in by[(b, s)]]
+
+
+def _ci(d) -> str:
+    return fmt_ci(*mean_ci(d)[:2]) + f" (n={len(d)})" if d else "–"
+
+
 def _controls(rows: list[dict], folds) -> str:
-    """Two controls the main table cannot show: the adaptation step's own effect, and win shares vs ERM."""
+    """What the main table cannot show: the step's own effect, the step's pull towards the teacher, wins."""
     by = {(r["arm"], r["seed"]): r["metrics"] for r in rows}
     seeds = sorted({r["seed"] for r in rows})
-    lines = ["", "| arm | acc_avg − acc_noadapt_avg (effect of the adaptation step itself) | "
-             "(fold, seed) pairs beating ERM |", "|---|---|---|"]
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    for arm in arms:
+    lines = ["", "| arm | acc − acc_noadapt (the step itself) | feature MSE to teacher before → after the step | "
+             "(fold, seed) pairs beating ERM |", "|---|---|---|---|"]
+    for arm in dict.fromkeys(r["arm"] for r in rows):
         if arm == "erm":
             continue
-        eff = "–"
-        if arm in META_ARMS:
-            d = [by[(arm, s)]["acc_avg"] - by[(arm, s)]["acc_noadapt_avg"] for s in seeds
-                 if (arm, s) in by and "acc_noadapt_avg" in by[(arm, s)]]
-            eff = fmt_ci(*mean_ci(d)[:2]) + f" (n={len(d)})"
+        eff = _ci([by[(arm, s)]["acc_avg"] - by[(arm, s)]["acc_noadapt_avg"] for s in seeds
+                   if "acc_noadapt_avg" in by.get((arm, s), {}) and "acc_avg" in by[(arm, s)]])
+        mse = "–"
+        pairs = [(m["mse_before_avg"], m["mse_after_avg"]) for (a, _), m in by.items()
+                 if a == arm and "mse_after_avg" in m]
+        if pairs:
+            mse = f"{sum(p[0] for p in pairs) / len(pairs):.4g} → {sum(p[1] for p in pairs) / len(pairs):.4g}"
         wins = total = 0
         for s in seeds:
-            if (arm, s) in by and ("erm", s) in by:
-                for f in folds:
-                    a, b = by[(arm, s)].get(f"acc_d{f}"), by[("erm", s)].get(f"acc_d{f}")
-                    if a is not None and b is not None:
-                        total += 1
-                        wins += a > b
-        lines.append(f"| {arm} | {eff} | {wins}/{total} |")
+            for f in folds:
+                a, b = by.get((arm, s), {}).get(f"acc_d{f}"), by.get(("erm", s), {}).get(f"acc_d{f}")
+                if a is not None and b is not None:
+                    total, wins = total + 1, wins + (a > b)
+        lines.append(f"| {arm} | {eff} | {mse} | {wins}/{total} |")
+    erm = [by[("erm", s)] for s in seeds if ("erm", s) in by]
+    if erm and "ensemble_acc_avg" in erm[0]:
+        lines += ["", "Go/no-go (erm rows; held-out domain, mean over seeds): "
+                  + ", ".join(f"{k} {sum(m[k] for m in erm) / len(erm):.2f}"
+                              for k in ("acc_avg", "ensemble_acc_avg", "teacher_acc_avg", "teacher_shead_acc_avg")
+                              if all(k in m for m in erm))
+                  + "; ERM-student feature MSE to the teacher "
+                  + f"{sum(m['mse_teacher_avg'] for m in erm) / len(erm):.4g}."]
+    for a, b in (("metadmoe", "erm"), ("metadmoe", "erm_extra"), ("metadmoe", "tent"), ("ensemble", "erm")):
+        key = "acc_avg"
+        d = ([by[("erm", s)]["ensemble_acc_avg"] - by[("erm", s)]["acc_avg"] for s in seeds
+              if "ensemble_acc_avg" in by.get(("erm", s), {})] if a == "ensemble" else _paired(by, a, b, key, seeds))
+        if d:
+            lines.append(f"- {a} − {b}: {_ci(d)}")
     return "\n".join(lines) + "\n"
 
 
 def _notes(cfg: dict, seeds_done: int) -> str:
-    names = ROTATIONS if cfg["family"] == "rotated" else CORRUPTIONS
+    names = FAMILIES[cfg["family"]]
     held = ", ".join(f"d{d} = {names[d]}" for d in cfg["held_out"])
+    sel = (f"the validation domains {list(VAL_DOMAINS[cfg['family']])} (never sources, never test folds)"
+           if cfg.get("selection", "val_domains") == "val_domains" else "source validation shards, own expert masked")
     lines = [
         "### Protocol and caveats (Meta-DMoE)",
         f"- Held-out domains in this run: {held}"
-        + ("" if len(cfg["held_out"]) == 6 else " — **a subset of the six folds** (quick profile); "
-           "acc_avg averages only these folds and other acc_d columns are empty."),
-        f"- {cfg['n_train']} training + {cfg['n_val']} validation images per source domain, {cfg['n_test']} "
-        f"test images of the held-out domain; {seeds_done} of {cfg['seeds']} seed(s) finished; meta-training "
-        f"{cfg['meta_epochs']} x {cfg['episodes_per_epoch']} episodes.",
-        f"- Every method sees consecutive unlabeled test batches of {cfg['support_size']} images and adapts to each "
-        "from the source weights (episodic), then predicts that batch; ERM does not adapt.",
-        f"- Learning rates chosen on source validation only (inner lr from {list(cfg['inner_lrs'])}, TENT lr from "
-        f"{list(cfg['tent_lrs'])}); when validating on source domain d its own expert is masked. "
-        "Chosen values are stored as lr_d<k> in results.jsonl.",
-        "- TENT is evaluated *after* its one entropy step (the official code returns pre-step outputs, "
-        "which in episodic one-step mode equal BN-adapt).",
-        "- [reconstructed] experts are fine-tuned from the ERM student (`expert_init=student`), standing in for "
-        "the paper's shared ImageNet initialisation; small CNNs (D = "
-        f"{cfg['hidden']}) instead of ResNet-50/DenseNet-121.",
-        "- Corrupted family: all domains are 3-channel; the colour tint scales each channel of a grey image by "
-        "its own random factor; severities are drawn per image, independent of the label.",
-        "- acc_noadapt_avg: the meta-trained student *without* its test-time step, so acc_avg − acc_noadapt_avg "
-        "isolates what the adaptation itself adds (meta-training also trains the student further).",
-        "- This is a mechanism check at CPU scale, not a reproduction of the paper's WILDS numbers.",
+        + ("" if len(cfg["held_out"]) == 6 else " — **a subset of the six folds**; acc_avg averages only these."),
+        f"- {cfg['n_train']} training + {cfg['n_val']} validation images per domain, {cfg['n_valdom']} per validation "
+        f"domain, {cfg['n_test']} test images of the held-out domain; {seeds_done} of {cfg['seeds']} seed(s) finished.",
+        f"- Student and experts: at most {cfg['student_epochs']} / {cfg['expert_epochs']} epochs, early stopping "
+        f"with patience {cfg['patience']} on source / own-domain validation (0 = fixed epochs). Meta-training "
+        f"{cfg['meta_epochs']} x {cfg['episodes_per_epoch']} episodes, support {cfg['support_size']} + query "
+        f"{cfg['query_size']}, one source domain per episode, student/aggregator in {cfg['train_mode']} mode.",
+        f"- Test protocol: Meta-DMoE `{cfg['protocol']}` (per_domain = adapt once on the first unlabeled batch of "
+        f"{cfg['support_size']} images, predict the whole domain; official), experts' BN `{cfg['expert_bn']}`; "
+        f"TENT `{cfg['tent_mode']}`; BN-adapt normalises each batch with its own statistics.",
+        f"- Learning rates (inner lr from {list(cfg['inner_lrs'])}, TENT lr from {list(cfg['tent_lrs'])}) chosen on "
+        f"{sel}; chosen values are lr_d<k> in results.jsonl.",
+        "- erm_extra = the ERM student plus as many labeled Adam steps (query batches, outer lr) as meta-training "
+        "has episodes. oracle = a bound, not a method: one step of the ERM student towards an expert trained on "
+        "the held-out domain itself, inner lr chosen on the target.",
+        "- Diagnostics per fold in results.jsonl: expert_matrix_d<k> (expert x domain accuracy), ensemble_acc "
+        "(experts' mean logits), teacher_acc (aggregator feature + aggregator head), teacher_shead_acc (through "
+        "the student's head), mse_before/after (student-teacher feature MSE around the step), curve_d<k>.",
+        "- [reconstructed] experts start from the ERM student (`expert_init=student`); small CNNs (D = "
+        f"{cfg['hidden']}) instead of ResNet-50/DenseNet-121. A mechanism check at CPU scale, not the paper's WILDS.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _heatmap(rows, cfg, plt, path):
+    """Mean expert accuracy by (domain the expert was trained on, domain evaluated), over folds and seeds."""
+    import numpy as np
+
+    tot, cnt = np.zeros((6, 6)), np.zeros((6, 6))
+    for r in rows:
+        for f in cfg["held_out"]:
+            mat, doms = r["metrics"].get(f"expert_matrix_d{f}"), r["metrics"].get(f"expert_domains_d{f}")
+            if mat is None:
+                continue
+            for k, d in enumerate(doms):
+                tot[d] += mat[k]
+                cnt[d] += 1
+    if not cnt.any():
+        return None
+    mean = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+    names = [str(n) for n in FAMILIES[cfg["family"]]]
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    im = ax.imshow(mean, cmap="viridis")
+    for i in range(6):
+        for j in range(6):
+            if not np.isnan(mean[i, j]):
+                ax.text(j, i, f"{mean[i, j]:.0f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_xticks(range(6), names, rotation=30)
+    ax.set_yticks(range(6), names)
+    ax.set_xlabel("evaluated on (held-out: test shard)")
+    ax.set_ylabel("expert trained on")
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _curve(rows, cfg, plt, path):
+    """Meta-training query loss before/after the step, mean over folds and seeds (metadmoe arm)."""
+    curves = [r["metrics"][f"curve_d{f}"] for r in rows if r["arm"] == "metadmoe"
+              for f in cfg["held_out"] if r["metrics"].get(f"curve_d{f}")]
+    if not curves:
+        return None
+    n = min(len(c) for c in curves)
+    ep = [curves[0][i][0] for i in range(n)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for j, label in ((1, "query loss before the step"), (2, "after the step")):
+        ax.plot(ep, [sum(c[i][j] for c in curves) / len(curves) for i in range(n)], label=label)
+    ax.set_xlabel("meta-training episode")
+    ax.set_ylabel("cross-entropy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_results(rows: list[dict], cfg: dict, out_dir) -> list[Path]:
@@ -86,13 +164,17 @@ def plot_results(rows: list[dict], cfg: dict, out_dir) -> list[Path]:
             vals = [r["metrics"][f"acc_d{d}"] for r in rows if r["arm"] == arm and f"acc_d{d}" in r["metrics"]]
             means.append(sum(vals) / len(vals) if vals else float("nan"))
         ax.plot(range(len(folds)), means, marker="o", label=arm)
-    names = ROTATIONS if cfg["family"] == "rotated" else CORRUPTIONS
+    names = FAMILIES[cfg["family"]]
     ax.set_xticks(range(len(folds)), [str(names[d]) for d in folds])
     ax.set_xlabel("held-out domain")
     ax.set_ylabel("test accuracy (%), mean over seeds")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path = out_dir / "per_domain.png"
-    fig.savefig(path, dpi=120)
+    paths = [out_dir / "per_domain.png"]
+    fig.savefig(paths[0], dpi=120)
     plt.close(fig)
-    return [path]
+    for fn, name in ((_heatmap, "expert_matrix.png"), (_curve, "meta_curve.png")):
+        p = fn(rows, cfg, plt, out_dir / name)
+        if p is not None:
+            paths.append(p)
+    return paths

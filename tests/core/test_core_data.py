@@ -64,3 +64,29 @@ def test_minilm_path_prefers_a_user_path_then_transferlab_data(tmp_path, monkeyp
     assert minilm_path() == staged
     with pytest.raises(DataNotFoundError, match="no config.json"):
         minilm_path(tmp_path / "elsewhere")
+
+
+def test_rotate_by_90_degrees_is_rot90_and_zero_is_a_copy():
+    import torch
+
+    from transferlab.data.image_ops import rotate
+
+    x = torch.arange(32.0).reshape(2, 1, 4, 4)
+    assert torch.equal(rotate(x, 90, "nearest"), torch.rot90(x, 1, (2, 3)))  # counter-clockwise
+    same = rotate(x, 0)
+    assert torch.equal(same, x) and same.data_ptr() != x.data_ptr()
+
+
+def test_per_class_indices_are_disjoint_balanced_and_refuse_too_many():
+    import torch
+
+    from transferlab.core.errors import UserError
+    from transferlab.data.image_ops import per_class_indices
+
+    y = torch.arange(40) % 4
+    a = per_class_indices(y, [1, 3], 3, torch.Generator().manual_seed(0))
+    b = per_class_indices(y, [1, 3], 3, torch.Generator().manual_seed(0), skip=3)
+    assert y[a].tolist() == [1, 1, 1, 3, 3, 3] and not set(a.tolist()) & set(b.tolist())
+    assert len(per_class_indices(y, [0], None, torch.Generator().manual_seed(0))) == 10
+    with pytest.raises(UserError, match="fewer than the 11"):
+        per_class_indices(y, [0], 11, torch.Generator().manual_seed(0))

@@ -146,3 +146,63 @@ def test_teacher_accuracy_reads_the_teacher_feature_through_the_chosen_head():
     assert teacher_accuracy(m, x, (y_agg + 1) % 3, head="aggregator") == 0.0
     with pytest.raises(UserError, match="head='student'"):
         teacher_accuracy(make(teacher="average"), x, y_agg, head="aggregator")
+
+
+def test_per_domain_protocol_adapts_once_on_the_first_batch_and_per_batch_adapts_each():
+    from transferlab.metadmoe.protocol import chunks, metadmoe_accuracy
+
+    m = make(inner_lr=0.3)
+    x, _ = batch(40, seed=8)
+    a0 = m.adapt(x[:16])
+    y = a0.predict(x).argmax(-1)  # labels = what the once-adapted student predicts on the whole domain
+    acc, mse = metadmoe_accuracy(m, x, y, 16, "per_domain")
+    assert acc == 1.0 and mse == feature_mse(m, x[:16], a0)
+    y_batch = torch.cat([m.adapt(x[b]).predict(x[b]).argmax(-1) for b in chunks(40, 16)])
+    assert metadmoe_accuracy(m, x, y_batch, 16, "per_batch")[0] == 1.0
+    seen = []  # which batches each protocol adapts to
+    real = m.adapt
+    m.adapt = lambda xb, **kw: (seen.append(xb.clone()), real(xb, **kw))[1]
+    metadmoe_accuracy(m, x, y, 16, "per_domain")
+    assert len(seen) == 1 and torch.equal(seen[0], x[:16])
+    seen.clear()
+    metadmoe_accuracy(m, x, y, 16, "per_batch")
+    assert [len(s) for s in seen] == [16, 16, 8] and torch.equal(torch.cat(seen), x)
+    assert [len(b) for b in chunks(33, 16)] == [16, 17]  # a one-image last batch joins the one before
+    with pytest.raises(UserError, match="per_domain"):
+        metadmoe_accuracy(m, x, y, 16, "online")
+
+
+def test_online_tent_keeps_adapting_across_a_domain_and_starts_fresh_for_the_next():
+    from transferlab.metadmoe import Tent
+    from transferlab.metadmoe.protocol import tent_accuracy
+
+    torch.manual_seed(0)
+    net = TinyNet().double().eval()
+    x, _ = batch(48, seed=9)
+    ref = Tent(net, lr=0.3, episodic=False)  # by hand: one Tent kept across the three batches
+    preds = []
+    for b in torch.arange(48).split(16):
+        ref.update(x[b])
+        preds.append(ref.predict(x[b]).argmax(-1))
+    y = torch.cat(preds)
+    assert tent_accuracy(net, x, y, 16, 0.3, "online") == 1.0
+    assert tent_accuracy(net, x, y, 16, 0.3, "online") == 1.0  # a second domain starts from the source again
+    epi = torch.cat([(lambda t: (t.update(x[b]), t.predict(x[b]))[1])(Tent(net, lr=0.3)).argmax(-1)
+                     for b in torch.arange(48).split(16)])
+    assert tent_accuracy(net, x, epi, 16, 0.3, "episodic") == 1.0
+    assert not torch.equal(y, epi)
+
+
+def test_early_stopping_keeps_the_best_validation_epoch():
+    m = make(student_epochs=6, patience=1, student_lr=0.05)
+    train = _domains(2, 48)
+    x, y = batch(40, seed=30)
+    val = [(x, (y + 1) % 3)]  # labels unrelated to training: validation accuracy peaks early
+    m.pretrain_student(train, val=val)
+    log = m.fit_log["student"]
+    assert log["epochs"] == log["best_epoch"] + 1 < 6 or log["epochs"] == 6
+    from transferlab.metadmoe.model import _val_accuracy
+    assert _val_accuracy(m.student, val, "cpu") == pytest.approx(log["val_acc"])  # best weights restored
+    fixed = make(student_epochs=2)
+    fixed.pretrain_student(train, val=val)
+    assert fixed.fit_log["student"]["epochs"] == 2 == fixed.fit_log["student"]["best_epoch"]

@@ -178,13 +178,25 @@ def test_padded_width():
     assert padded_width(1, torch.float32) == 4
 
 
-def test_auto_matches_masked_and_picks_sparse_on_cpu():
+def test_auto_matches_masked_and_picks_sparse_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     x = torch.randn(4096, 384)
     assert kernels.choose_impl(x, 16, 4, 1536) == "gather"
     assert kernels.choose_impl(x, 16, 16, 1536) == "masked"  # k = N: masked is exactly dense
     assert kernels.choose_impl(x[:8], 16, 4, 1536) == "masked"  # tiny batch: per-expert overhead dominates
-    assert_same("auto", T=1200, d=64, d_ff=512, N=8, k=2)
-    assert kernels.choose_impl(torch.randn(1200, 64), 8, 2, 512) == "gather"  # so the line above ran sparse
+    assert_same("auto", T=2400, d=64, d_ff=512, N=8, k=2)
+    assert kernels.choose_impl(torch.randn(2400, 64), 8, 2, 512) == "gather"  # so the line above ran sparse
+
+
+def test_auto_follows_the_measured_cpu_crossover(monkeypatch):
+    """N=64, k=16 at d=384: gather lost to masked below ~2M multiply-adds per expert (T=512: 1.1M) at one
+    thread, and at width 24 with two threads at any T."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert kernels.choose_impl(torch.randn(512, 384), 64, 16, 1536) == "masked"
+    assert kernels.choose_impl(torch.randn(4096, 384), 64, 16, 1536) == "gather"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert kernels.choose_impl(torch.randn(4096, 384), 64, 16, 1536) == "masked"
+    assert kernels.choose_impl(torch.randn(4096, 384), 16, 4, 1536) == "gather"  # width 96 still wins
 
 
 def test_autocast_bf16_casts_like_linear():

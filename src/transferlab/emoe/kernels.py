@@ -41,6 +41,8 @@ from ..core.errors import UserError
 from .routing import Act, Routing, act_backward, act_forward, needs_grad, route
 
 IMPLS = ("auto", "masked", "gather", "grouped_mm", "triton")
+GATHER_MIN_WORK = 2 ** 21  # multiply-adds per expert matmul per thread before "auto" takes "gather" on CPU
+GATHER_MIN_WIDTH_THREADED = 48  # narrower experts stay on "masked" when torch runs more than one thread
 
 
 def expert_mask(expert_idx: torch.Tensor, num_experts: int, d_ff: int, dtype: torch.dtype) -> torch.Tensor:
@@ -230,14 +232,18 @@ def choose_impl(x: torch.Tensor, num_experts: int, k: int, d_ff: int) -> str:
     """The path "auto" takes. Measured on CPU (docs/emoe_performance.md); the CUDA rule is provisional.
 
     - k == N: every neuron is used, so the masked path is exactly the dense FFN; sparse paths only add work.
-    - CPU: "gather" (about 3x dense forward at MiniLM size, k/N = 1/4) once each expert's matmul has at
-      least ~1M multiply-adds (rows per expert * width * d); below that the ~10 ATen calls per expert cost more
-      than the FLOPs they save (measured break-even: 16-64 rows per expert at d = 384, width 96-24).
-    - CUDA (provisional, not yet measured by this library): issue 4's H200 numbers are the only evidence --
-      a sort + `torch._grouped_mm` path ran at 1.48x dense at d=4096 but 0.44x at d=768, where the masked path
-      ran at 0.63-0.70x. So: "grouped_mm" for bf16 on Hopper or newer when d >= 2048, else "masked".
-      "gather" (N launches per matmul) and "triton" (untested on a GPU) are never chosen automatically;
-      `transferlab bench emoe-layer --device cuda` times all of them to replace this rule.
+    - CPU: "gather" once each expert's matmul has at least 2M multiply-adds per torch thread (rows per expert
+      * width * d >= 2**21 * threads), and with more than one thread only for experts at least 48 neurons wide.
+      Measured at d = 384, d_ff = 1536, fp32 (docs/emoe_performance.md): at one thread gather/masked crosses
+      1.0 between 1.1M and 2.2M multiply-adds for widths 24-96 (forward+backward is the later crossing); at two
+      threads width-24 experts (N=64, k=16, T=4096) ran gather at 0.87x dense forward and 0.79x
+      forward+backward, slower than masked, because BLAS splits one wide matmul across threads better than
+      64 narrow ones. Below the threshold the ~10 ATen calls per expert cost more than the FLOPs they save.
+    - CUDA (provisional, not measured by this library's bench yet): on an H200 a sort + `torch._grouped_mm` path
+      ran at 1.48x dense at d=4096 but 0.44x at d=768, where the masked path ran at 0.63-0.70x. So:
+      "grouped_mm" for bf16 on Hopper or newer when d >= 2048, else "masked". "gather" (N launches per
+      matmul) and "triton" are never chosen automatically; `transferlab bench emoe-layer --device cuda` times
+      all of them to replace this rule.
     Override with the environment variable TRANSFERLAB_EMOE_IMPL.
     """
     forced = os.environ.get("TRANSFERLAB_EMOE_IMPL")
@@ -255,7 +261,11 @@ def choose_impl(x: torch.Tensor, num_experts: int, k: int, d_ff: int) -> str:
             return "grouped_mm"
         return "masked"
     rows_per_expert = x.shape[0] * k / num_experts
-    if rows_per_expert * (d_ff // num_experts) * x.shape[1] < 2 ** 20:
+    width = d_ff // num_experts
+    threads = max(1, torch.get_num_threads())
+    if rows_per_expert * width * x.shape[1] < GATHER_MIN_WORK * threads:
+        return "masked"
+    if threads > 1 and width < GATHER_MIN_WIDTH_THREADED:
         return "masked"
     return "gather"
 

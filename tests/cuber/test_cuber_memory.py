@@ -186,3 +186,41 @@ def test_empty_task_loader():
     with pytest.raises(UserError, match="no samples"):
         strat.after_task(0, iter([]))
     assert strat.memory.bases == {}  # nothing half-written
+
+
+def test_cached_projected_inputs_give_the_same_training_as_per_step_projection():
+    from transferlab.cuber.streams import permuted_stream
+    from transferlab.cuber.train import run_stream
+    from transferlab.nn import MLP
+
+    tasks = permuted_stream(3, n_train=120, n_test=30)
+    out = {}
+    for cache in (False, True):
+        torch.manual_seed(0)
+        model = MLP(784, (16, 16), 10, bias=False)
+        strat = GPM(model, GPMConfig(thresholds=(0.9, 0.95, 0.95), n_samples=(60,), input_cache=cache))
+        res = run_stream(model, strat, tasks, lr=0.05, epochs=2, batch_size=16, seed=0)
+        out[cache] = (res["R"], [p.detach().clone() for p in model.parameters()])
+    assert out[True][0] == out[False][0]
+    for a, b in zip(out[True][1], out[False][1]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_cached_projection_is_orthogonal_and_checks_shapes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 6, bias=False), nn.ReLU(), nn.Linear(6, 3, bias=False))
+    strat = GPM(model, GPMConfig(thresholds=(0.9,), input_cache=True))
+    x = torch.randn(50, 4) @ torch.randn(4, 12)
+    strat.before_task(0, [(x, None)])
+    strat.after_task(0, [(x, None)])
+    strat.before_task(1, [(x, None)])
+    xp = strat.project_inputs(x)
+    M = strat.memory.bases["0"]
+    assert (xp @ M).norm() <= 1e-4 * x.norm()
+    strat.feed_projected(xp[:10])
+    model(x[:10]).sum().backward()
+    strat.after_backward(model)
+    assert (model[0].weight.grad @ M).norm() <= 1e-4 * model[0].weight.grad.norm()
+    strat.feed_projected(xp[:5])
+    with pytest.raises(ValueError, match="cached projected input"):
+        model(x[:10])

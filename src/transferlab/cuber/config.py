@@ -33,6 +33,9 @@ class GPMConfig:
     solver: str = field("eigh", "basis solver: eigh (Gram + symmetric eigh), svd (GPM's exact path), lowrank")
     input_projection: bool = field(True, "bias-free Linear: project the layer input in backward instead of "
                                    "the weight gradient (identical gradient, cheaper) [reconstructed speed-up]")
+    input_cache: bool = field(False, "[reconstructed speed-up] project the first protected layer's training inputs "
+                              "once per task (`project_inputs`) instead of every step; needs the task's whole "
+                              "training set in memory and a bias-free first Linear that sees the raw input")
     freeze_bn_after_first: bool = field(True, "zero the gradients of 1-D parameters (BN affine, biases) of shared "
                                         "layers after task 0, as GPM's code does")
     exclude: tuple[str, ...] = field(("heads",), "module-name substrings that are task-specific (not protected)")

@@ -182,8 +182,49 @@ class GPM(Strategy):
         super().before_task(task_id, loader)
         self._set_projection()
 
+    @property
+    def first_layer(self) -> str:
+        return self.memory.names[0]
+
+    @torch.no_grad()
+    def project_inputs(self, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """x projected off the first protected layer's basis, x (I - M M^T), for a whole training set.
+
+        Call once per task after `before_task` (the basis is fixed within a task) and hand each
+        batch's rows to `feed_projected` before its forward: the first layer's projected weight
+        gradient then costs what a plain one does. Rows are (N, in_features) raw model inputs.
+        """
+        name = self.first_layer
+        mod = self.memory.modules[name]
+        if not isinstance(mod, nn.Linear) or mod.bias is not None:
+            raise UserError(f"project_inputs needs a bias-free nn.Linear as the first protected layer; "
+                            f"{name!r} is {type(mod).__name__}")
+        x = x.reshape(len(x), -1).to(self.device, torch.float32)
+        if x.shape[1] != mod.in_features:
+            raise UserError(f"project_inputs got rows of {x.shape[1]} features; layer {name!r} takes "
+                            f"{mod.in_features} (pass the flattened model inputs)")
+        f = self.memory.factor(name)
+        if f is None:
+            return x.clone()
+        mode, B = f
+        out = torch.empty_like(x)
+        for i in range(0, len(x), chunk):
+            xb = x[i: i + chunk]
+            p = (xb @ B) @ B.T
+            out[i: i + chunk] = xb - p if mode == "sub" else p
+        return out
+
+    def feed_projected(self, xp: torch.Tensor) -> None:
+        """The projected rows (from `project_inputs`) of the batch whose forward comes next."""
+        self.patches[self.first_layer].cached = xp
+
     def after_backward(self, model=None) -> None:
-        self.memory.project_([n for n in self.memory.names if n not in self.fast])
+        skip = set(self.fast)
+        first = self.patches[self.first_layer]
+        if first.cache_used:  # its weight gradient came from projected inputs already
+            skip.add(self.first_layer)
+            first.cache_used = False
+        self.memory.project_([n for n in self.memory.names if n not in skip])
         if self.task_id > 0 and self.cfg.freeze_bn_after_first:
             for p in self.shared_1d:
                 if p.grad is not None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn import batches
 from .strategies import Strategy
 
 
@@ -28,6 +29,21 @@ def evaluate(model: nn.Module, strategy: Strategy, task, task_id: int, batch_siz
         total += len(y)
     model.train(was)
     return 100.0 * correct / max(total, 1)
+
+
+class _CachedBatches:
+    """The batches a TaskLoader with the same seed yields, each announcing its projected rows first."""
+
+    def __init__(self, X, XP, y, strategy, batch_size, seed):
+        self.X, self.XP, self.y, self.strategy, self.batch_size, self.seed = X, XP, y, strategy, batch_size, seed
+
+    def __len__(self):
+        return -(-len(self.X) // self.batch_size)
+
+    def __iter__(self):
+        for b in batches(len(self.X), self.batch_size, seed=self.seed):
+            self.strategy.feed_projected(self.XP[b])
+            yield self.X[b], self.y[b]
 
 
 @torch.no_grad()
@@ -63,8 +79,14 @@ def train_task(model: nn.Module, strategy: Strategy, task, task_id: int, *, lr: 
     model.train()
     best, best_state, wait, cur = float("inf"), None, patience, lr
     ran = 0
+    cache = getattr(getattr(strategy, "cfg", None), "input_cache", False)
+    if cache:  # GPM's first-layer projection done once for the task's whole training set
+        X = task.transform(task.x_train)
+        XP = strategy.project_inputs(X)
     for epoch in range(epochs):
         loader = task.loader(batch_size, seed * 7919 + task_id * 101 + epoch)
+        if cache:
+            loader = _CachedBatches(X, XP, task.y_train, strategy, batch_size, loader.seed)
         it = engine.progress(loader, desc=f"task {task_id} epoch {epoch + 1}/{epochs}") if engine else loader
         for x, y in it:
             loss = F.cross_entropy(strategy.forward(model, x.to(dev), task_id), y.to(dev))

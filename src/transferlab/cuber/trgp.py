@@ -285,6 +285,10 @@ class CUBER(TRGP):
         self.start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (W at task start, ||W B||)
         self._window: dict[str, tuple] = {}  # layer -> (weight version, grad tensor, output, raw) of the last call
 
+    def feed_projected(self, xp: torch.Tensor) -> None:
+        if self.first_layer not in self.positive:  # a Regime-3 layer needs its raw gradient
+            super().feed_projected(xp)
+
     def _regime(self, layer: str, j: int, g: torch.Tensor) -> tuple[int, float, float]:
         corr = full_cosine if self.cfg.corr_space == "full" else cosine_correlation
         return classify(g, self.task_bases[j][layer], self.cfg.eps_proj, self.task_grads[j][layer],

@@ -149,3 +149,19 @@ def test_no_gate_transfer_keeps_the_largest_sigma_components_as_learngenes():
     transfer(model, 2, learngenes="top_sigma", gate=True)
     assert torch.equal(layer.s_g, torch.tensor([-6.0, 5.0, 4.0, 3.0]))
     assert torch.equal(layer.U_g, keep)
+
+
+def test_notes_carry_a_guidance_2_table_with_paired_differences(tmp_path):
+    from transferlab.kind.plots import plot_kind
+
+    cfg = {"arms": ["kind", "lora"], "target_classes": [6, 7, 8, 9], "width": 64, "depth": 4,
+           "pretrain_steps": 10, "transfer_steps": 10, "cfg_scales": [1.0, 2.0]}
+    rows = [{"arm": a, "seed": s, "config_hash": "h", "profile": "cpu",
+             "metrics": {"class_acc": 60.0, "fmnist_fid": 50.0, "fid_floor": 2.0,
+                         "fmnist_fid_g2": base + s, "class_acc_g2": 90.0}}
+            for a, base in (("kind", 10.0), ("lora", 14.0)) for s in range(3)]
+    plot_kind(rows, cfg, tmp_path)
+    notes = (tmp_path / "notes.md").read_text()
+    assert "**Guidance 2**" in notes
+    lora = next(line for line in notes.splitlines() if line.startswith("| lora |"))
+    assert lora.split(" | ")[1:4] == ["3", "15.00 ± 2.48", "90.00 ± 0.00"] and "4.00 ± 0.00" in lora

@@ -400,7 +400,7 @@ _MEDIUM = {**_SMALL, "seeds": 2, "pretrain_steps": 500, "transfer_steps": 200, "
 # KIND without gate at both shares: 5 x 3000 steps per seed) is shared by both experiments and every arm.
 # The lr grid starts at the top of the former grid {3e-4, 1e-3} (chosen by every arm on every seed)
 # and extends one decade past it; KIND's new tailors also try a zero start.
-_CPU = {**_SMALL, "seeds": 6, "pretrain_steps": 3000, "pretrain_lr": 1e-3, "transfer_steps": 200,
+_CPU = {**_SMALL, "seeds": 6, "pretrain_steps": 3000, "pretrain_lr": 1e-3, "transfer_steps": 150,
         "lrs": (1e-3, 3e-3, 1e-2), "tailor_init_scales": (1.0, 0.0), "ddim_steps": 20, "samples_per_class": 200,
         "test_per_class": 1000, "judge_per_class": 2000, "judge_epochs": 2, "checkpoint_every": 500}
 _TODAY_SHARE = tuple(a for a in ARMS if not a.endswith("_paper"))

@@ -11,8 +11,8 @@ from transferlab.core.registry import get_experiment
 from transferlab.core.runner import run_experiment
 from transferlab.cprd.scenes import NAMES, TEMPLATES, WORD, make_scenes, tokenize
 
-TINY = ["train_families=40", "val_families=6", "test_families=10", "item_images=400", "teacher_steps=6",
-        "student_steps=6", "ckpt_every=3"]
+TINY = ["train_families=40", "val_families=6", "test_families=10", "item_images=400", "item_epochs=1",
+        "teacher_steps=6", "teacher_eval_every=3", "student_steps=6", "ckpt_every=3"]
 
 
 def test_scene_families_are_hard_negatives():
@@ -35,17 +35,20 @@ def test_scene_families_are_hard_negatives():
 
 def test_scenes_experiment_runs_and_resumes(tmp_path):
     engine = Engine(device="cpu", threads=1)
-    arms = "arms=infonce,cprd,cprd_all,kl,rank"
+    arms = "arms=infonce,cprd,cprd_all,kl,listnet,margin_mse,cprd_easy,cprd_self,cprd_random"
     out = run_experiment("cprd-fmnist-scenes", "quick", seeds=1, overrides=TINY + [arms], out=tmp_path,
                          engine=engine)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["arm"] for r in rows} == {"infonce", "cprd", "cprd_all", "kl", "rank"}
+    assert {r["arm"] for r in rows} == {"infonce", "cprd", "cprd_all", "kl", "listnet", "margin_mse", "cprd_easy",
+                                        "cprd_self", "cprd_random"}
     for r in rows:
         m = r["metrics"]
         assert 0 <= m["i2t_R@1"] <= m["i2t_R@5"] <= m["i2t_R@10"] <= 100
         assert m["RSUM"] == pytest.approx(sum(m[k] for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1",
                                                                  "t2i_R@5", "t2i_R@10")))
         assert 0 <= m["teacher_family_acc"] <= 100
+        assert 0 <= m["teacher_val_family_acc"] <= 100 and m["teacher_steps_used"] in (3, 6)
+        assert m["seed_used"] == 100  # the pre-declared block, not seed 0
     assert (out / "table.md").exists() and (out / "score_distributions.png").exists()
     # the teacher is cached once per seed and shared by the arms (paired comparison)
     assert len(list((out / "runs").glob("*/teacher-seed0.pt"))) == 1
@@ -59,35 +62,62 @@ def test_scenes_checkpoint_resume_gives_same_metrics(tmp_path):
     exp = get_experiment("cprd-fmnist-scenes")
     from transferlab.core.config import apply_overrides
 
-    cfg = apply_overrides(exp.make_config("quick"), TINY + ["arms=cprd"])
+    cfg = apply_overrides(exp.make_config("quick"), TINY + ["arms=cprd", "weights=0.5,2.0"])
     engine.run_dir = tmp_path / "runs" / "h" / "cprd-seed0"
     engine.seed(0)
     ref = exp.fn(cfg, "cprd", 0, engine)
-    # simulate a kill after the step-3 checkpoint: rerun with only the checkpoint's state available
+    assert ref["setting"] in ("weight=0.5,valid=below_positive", "weight=2.0,valid=below_positive")
+    engine.checkpoint_path.unlink()
+    # simulate a kill in the second grid setting, after its step-3 checkpoint
     from transferlab.cprd import experiments as ex
 
     engine.seed(0)
     original = ex._train_student
+    calls = []
 
-    def stop_early(cfg_, *a, **k):
+    class Killed(Exception):
+        pass
+
+    def killed_in_second(cfg_, *a, **k):
         import dataclasses
 
-        return original(dataclasses.replace(cfg_, student_steps=4), *a, **k)
+        calls.append(k["tag"])
+        if len(calls) == 1:
+            return original(cfg_, *a, **k)
+        original(dataclasses.replace(cfg_, student_steps=4), *a, **k)
+        raise Killed
 
-    ex._train_student = stop_early
+    ex._train_student = killed_in_second
     try:
-        exp.fn(cfg, "cprd", 0, engine)  # writes a checkpoint at step 3
+        with pytest.raises(Killed):
+            exp.fn(cfg, "cprd", 0, engine)
     finally:
         ex._train_student = original
     assert engine.checkpoint_path.exists()
     engine.seed(0)
-    resumed = exp.fn(cfg, "cprd", 0, engine)
+    calls.clear()
+
+    def counting(cfg_, *a, **k):
+        calls.append(k["tag"])
+        return original(cfg_, *a, **k)
+
+    ex._train_student = counting
+    try:
+        resumed = exp.fn(cfg, "cprd", 0, engine)
+    finally:
+        ex._train_student = original
+    assert calls == ["cprd-1"]  # the finished first setting is not retrained
     assert resumed["RSUM"] == pytest.approx(ref["RSUM"])
+    assert resumed["setting"] == ref["setting"]
 
 
 def test_bad_config_errors(tmp_path):
-    with pytest.raises(UserError, match="rank_loss"):
-        run_experiment("cprd-fmnist-scenes", "quick", seeds=1, overrides=["rank_loss=foo"], out=tmp_path)
+    with pytest.raises(UserError, match="unknown arm"):
+        run_experiment("cprd-fmnist-scenes", "quick", seeds=1, overrides=["arms=infonce,rank"], out=tmp_path)
+    with pytest.raises(UserError, match="valid_rules"):
+        run_experiment("cprd-fmnist-scenes", "quick", seeds=1, overrides=["valid_rules=top_m"], out=tmp_path)
+    with pytest.raises(UserError, match="2k"):
+        run_experiment("cprd-fmnist-scenes", "quick", seeds=1, overrides=["batch_families=4"], out=tmp_path)
     with pytest.raises(UserError, match="must exceed k"):
         run_experiment("cprd-wordnet", "quick", seeds=1, overrides=["batch_size=8"], out=tmp_path)
     assert not (tmp_path / "cprd-fmnist-scenes" / "results.jsonl").exists()  # nothing half-written
@@ -100,7 +130,7 @@ def test_wordnet_experiment_tiny(tmp_path):
     out = run_experiment("cprd-wordnet", "quick", seeds=1, out=tmp_path, engine=Engine(device="cpu", threads=1),
                          overrides=["train_synsets=120", "val_synsets=30", "test_synsets=60", "teacher_steps=6",
                                     "teacher_extra_synsets=40", "teacher_eval_every=3", "epochs=1",
-                                    "arms=infonce,cprd"])
+                                    "arms=infonce,cprd", "teacher=minilm_ce", "require_teacher_advantage=false"])
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["arm"] for r in rows} == {"infonce", "cprd"}
     for r in rows:

@@ -8,24 +8,65 @@ from ..core.errors import UserError
 from .config import CPRDConfig
 from .model import ContrastiveDistillLoss, make_loss
 
-ARMS = ("infonce", "kl", "rank", "cprd", "cprd_all")
+ARMS = ("infonce", "kl", "listnet", "margin_mse", "cprd", "cprd_all", "cprd_easy", "cprd_self", "cprd_random")
+ARM_HELP = ("arms: infonce (reference), kl (logit KL, teacher temperature grid), listnet (positive + K), "
+            "margin_mse (raw cosines), cprd, cprd_all (all negatives), cprd_easy (ranks K+1..2K), "
+            "cprd_self (the student's own detached scores as teacher), cprd_random (a random teacher order)")
+_CPRD_ARMS = {  # overrides of the CPRD loss per arm; every one is "CPRD with something changed"
+    "cprd": {},
+    "cprd_all": {"k": None},
+    "cprd_easy": {"skip": "k"},
+    "cprd_self": {"teacher_source": "self"},
+    "cprd_random": {"teacher_source": "random"},
+}
 
 
-def loss_for_arm(arm: str, cfg, weight: float) -> ContrastiveDistillLoss:
-    """The objective of an arm; `cfg` carries k, valid, valid_param, rank_loss, teacher_temp."""
-    base = CPRDConfig(k=cfg.k, weight=weight, valid=cfg.valid, valid_param=cfg.valid_param,
-                      teacher_temp=cfg.teacher_temp)
+def arm_grid(arm: str, cfg) -> list[dict]:
+    """Settings tried for an arm, each trained in full; the best on validation RSUM is kept.
+
+    λ (`cfg.weights`) for every distillation arm; the teacher temperature (`cfg.teacher_temps`) for
+    kl and listnet; the validity rule (`cfg.valid_rules`) for every CPRD arm (the controls get the
+    same selection as cprd itself, so a difference between them is not a difference in tuning).
+    """
     if arm == "infonce":
-        return make_loss("infonce", base)
-    if arm == "kl":
-        return make_loss("kl", base)
-    if arm == "rank":
-        return make_loss(cfg.rank_loss, base)
-    if arm == "cprd":
-        return make_loss("cprd", base)
-    if arm == "cprd_all":  # ablation: order of all in-batch negatives, not just the K hard ones
-        return make_loss("cprd", base, k=None, valid="all", valid_param=None)
+        return [{"weight": 0.0}]
+    if arm in ("kl", "listnet"):
+        return [{"weight": w, "teacher_temp": tt} for tt in cfg.teacher_temps for w in cfg.weights]
+    if arm == "margin_mse":
+        return [{"weight": w} for w in cfg.weights]
+    if arm in _CPRD_ARMS:
+        rules = ("all",) if arm == "cprd_all" else cfg.valid_rules
+        return [{"weight": w, "valid": r} for r in rules for w in cfg.weights]
     raise UserError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+
+
+def loss_for_arm(arm: str, cfg, setting: dict) -> ContrastiveDistillLoss:
+    """The objective of an arm at one grid `setting`; `cfg` carries k and rank_reduction."""
+    base = CPRDConfig(k=cfg.k, weight=setting["weight"], rank_reduction=cfg.rank_reduction,
+                      teacher_temp=setting.get("teacher_temp", 1.0))
+    if arm in ("infonce", "kl", "listnet", "margin_mse"):
+        return make_loss(arm, base)
+    if arm not in _CPRD_ARMS:
+        raise UserError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    over = {key: (cfg.k if v == "k" else v) for key, v in _CPRD_ARMS[arm].items()}
+    return make_loss("cprd", base, valid=setting.get("valid", "all"), **over)
+
+
+def check_grid_config(cfg) -> None:
+    """Shared checks of the arms and grids of a CPRD experiment config."""
+    bad = [a for a in cfg.arms if a not in ARMS]
+    if bad:
+        raise UserError(f"unknown arm(s) {', '.join(bad)}; choose from {', '.join(ARMS)}")
+    if not cfg.weights or any(w <= 0 for w in cfg.weights):
+        raise UserError("weights must list positive λ values")
+    if not cfg.teacher_temps or any(t <= 0 for t in cfg.teacher_temps):
+        raise UserError("teacher_temps must list positive temperatures")
+    if not cfg.valid_rules or any(r not in ("all", "below_positive") for r in cfg.valid_rules):
+        raise UserError("valid_rules must list rules among all, below_positive (the rules that need no parameter)")
+
+
+def setting_label(setting: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in setting.items())
 
 
 class DenseWhenLarge:

@@ -5,15 +5,18 @@ scene and its hard variants (one item changed, or two positions swapped). Test s
 Fashion-MNIST *test* images; validation scenes use training images held out from the training pool.
 
 Teacher: a cross-encoder (joint transformer over image patches and caption tokens) trained with
-image-text matching (BCE) on hard negatives, cached per seed so all arms share it.
+image-text matching (BCE) on hard negatives until its within-family accuracy on validation scenes
+reaches `teacher_target_acc` (or `teacher_steps` run out), cached per seed so all arms share it.
 Student: a dual encoder (cell-CNN image tower, small text transformer), symmetric InfoNCE with a
-learnable temperature, + weight x a distillation term that differs by arm:
-infonce (reference), kl (logit KL), rank (margin-MSE or ListNet), cprd, cprd_all (CPRD on all negatives).
+learnable temperature, + λ x a distillation term that differs by arm (`common.ARM_HELP`). Every
+arm's λ (and temperature or validity rule, see `common.arm_grid`) is chosen on validation RSUM.
+Seeds are the pre-declared block seed_offset .. seed_offset + seeds - 1.
 The WordNet text-text experiment lives in `experiments_wordnet.py` (imported at the end).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,55 +28,74 @@ from ..core.io import cached_torch
 from ..core.registry import register_experiment
 from ..data import load_fashion_mnist
 from ..nn import batches
-from .common import ARMS, DenseWhenLarge, loss_for_arm, rank_corr, shared_file, spread_stats
+from .common import (
+    ARM_HELP,
+    ARMS,
+    DenseWhenLarge,
+    arm_grid,
+    check_grid_config,
+    loss_for_arm,
+    rank_corr,
+    setting_label,
+    shared_file,
+    spread_stats,
+)
 from .loss import infonce_loss
 from .metrics import retrieval_metrics
 from .plots import plot_score_distributions
 from .scenes import ItemClassifier, SceneCrossEncoder, SceneImageTower, SceneTextTower, make_scenes
 from .trainer import DualEncoder, DualEncoderTrainer
 
-# tabulated; other scalars (val_RSUM, teacher_family_acc, rank_corr_teacher, ...) are kept in results.jsonl
-METRICS = ("RSUM", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "family_acc")
+# the declared metrics; the rest (every recall, val_RSUM, teacher_val_family_acc, the chosen setting, ...)
+# are kept in results.jsonl
+METRICS = ("RSUM", "i2t_R@1", "t2i_R@1", "family_acc")
 
 
 @dataclass(frozen=True)
 class ScenesConfig:
     """CPRD on Fashion-MNIST scenes (paper: COCO/Flickr retrieval experiments, scaled to CPU; reconstructed)."""
 
-    arms: tuple[str, ...] = field(ARMS, "arms: infonce (ref), kl, rank, cprd, cprd_all")
-    seeds: int = field(3, "number of seeds")
-    item_epochs: int = field(1, "epochs of item-classifier pre-training (single items of the training pool)")
-    item_images: int = field(10000, "training-pool images used for item pre-training")
+    arms: tuple[str, ...] = field(ARMS, ARM_HELP)
+    seeds: int = field(5, "number of seeds, taken from the pre-declared block starting at seed_offset")
+    seed_offset: int = field(100, "first seed of the block (seeds 0-7 served to size and debug the experiment, "
+                                  "so the reported comparison uses a block none of them touched)")
+    item_epochs: int = field(3, "epochs of item-classifier pre-training (single items of the training pool)")
+    item_images: int = field(20000, "training-pool images used for item pre-training")
     train_families: int = field(1200, "training families (base scene + hard variants)")
     val_families: int = field(100, "validation families (held-out training images)")
     test_families: int = field(150, "test families (Fashion-MNIST test images)")
     family_size: int = field(4, "scenes per family: 1 base + (family_size - 1) hard variants")
     n_captions: int = field(3, "captions (paraphrases) per scene")
-    teacher_steps: int = field(1200, "teacher ITM training steps")
+    teacher_steps: int = field(4000, "most teacher ITM training steps")
+    teacher_target_acc: float = field(85.0, "teacher training stops once its within-family accuracy on the "
+                                            "validation scenes reaches this (%)")
+    teacher_eval_every: int = field(200, "teacher steps between validation checks")
     teacher_lr: float = field(2e-3, "teacher AdamW learning rate")
+    teacher_batch_families: int = field(16, "families per teacher step (every in-family pair is scored)")
     student_steps: int = field(500, "student training steps (same for every arm)")
-    batch_families: int = field(8, "families per student batch (batch = batch_families x family_size)")
+    batch_families: int = field(8, "families per student batch (batch = batch_families x family_size); "
+                                   "the candidate pool of mining")
     student_dim: int = field(16, "student embedding dimension (small: the dual encoder must be the weaker model)")
     lr: float = field(2e-3, "student AdamW learning rate")
     k: int = field(8, "CPRD / baseline hard negatives per anchor (reconstructed)")
-    weights: tuple[float, ...] = field((1.0,), "λ values tried per distillation arm; the best on validation "
-                                                "RSUM is kept (reconstructed)")
-    valid: str = field("all", "CPRD validity rule: all, top_m, threshold (reconstructed)")
-    valid_param: float | None = field(None, "m for top_m; ITM logit threshold for threshold")
-    rank_loss: str = field("margin_mse", "ranking-distillation baseline of the rank arm: margin_mse or listnet")
-    teacher_temp: float = field(1.0, "teacher temperature of the KL / ListNet baselines")
+    weights: tuple[float, ...] = field((0.3, 1.0, 3.0), "λ grid of every distillation arm; the best on validation "
+                                                        "RSUM is kept (reconstructed)")
+    teacher_temps: tuple[float, ...] = field((0.3, 1.0, 3.0), "teacher temperature grid of the kl and listnet "
+                                                              "arms (on ITM logits)")
+    valid_rules: tuple[str, ...] = field(("all", "below_positive"), "validity rules tried by every CPRD arm "
+                                                                    "except cprd_all (chosen on validation)")
+    rank_reduction: str = field("mean", "CPRD per anchor: mean or sum of the rank terms")
     ckpt_every: int = field(200, "student steps between checkpoints")
     data_path: str | None = field(None, "folder with the Fashion-MNIST IDX files (default: Debian package)")
 
     def __post_init__(self):
-        if self.rank_loss not in ("margin_mse", "listnet"):
-            raise UserError(f"rank_loss must be margin_mse or listnet, got {self.rank_loss!r}")
-        if not self.weights or any(w <= 0 for w in self.weights):
-            raise UserError("weights must list positive λ values")
+        check_grid_config(self)
         if self.family_size < 2:
             raise UserError("family_size must be >= 2 (a family needs hard variants)")
-        if self.batch_families * self.family_size <= self.k:
-            raise UserError(f"batch ({self.batch_families} x {self.family_size}) must exceed k={self.k}")
+        need = 2 * self.k + 1 if "cprd_easy" in self.arms else self.k
+        if self.batch_families * self.family_size <= need:
+            raise UserError(f"batch ({self.batch_families} x {self.family_size}) must exceed k={self.k} "
+                            f"(2k + 1 with cprd_easy); raise batch_families")
 
 
 def _data(cfg: ScenesConfig, seed: int, engine):
@@ -132,22 +154,34 @@ def item_features(cfg: ScenesConfig, seed: int, engine, pools: list[torch.Tensor
     return out
 
 
-def train_teacher(cfg: ScenesConfig, seed: int, engine, pool, scenes) -> SceneCrossEncoder:
-    """ITM (hard negatives) + ITC training; cached under run_dir.parent so every arm of this seed reuses it."""
+def train_teacher(cfg: ScenesConfig, seed: int, engine, pool, scenes, val=None) -> tuple[SceneCrossEncoder, dict]:
+    """ITM (hard negatives) + ITC training until the validation target; cached under run_dir.parent so
+    every arm of this seed reuses it. `val` = (pool, scenes) of the validation split."""
     torch.manual_seed(seed + 101)
     teacher = SceneCrossEncoder(pool.shape[-1])
-    state = cached_torch(shared_file(engine, f"teacher-seed{seed}.pt"),
-                         lambda: _fit_teacher(cfg, seed, engine, teacher, pool, scenes), save=engine.is_main)
-    teacher.load_state_dict(state)
-    return teacher.eval()
+    saved = cached_torch(shared_file(engine, f"teacher-seed{seed}.pt"),
+                         lambda: _fit_teacher(cfg, seed, engine, teacher, pool, scenes, val), save=engine.is_main)
+    teacher.load_state_dict(saved["state"])
+    return teacher.eval(), saved["report"]
 
 
-def _fit_teacher(cfg: ScenesConfig, seed: int, engine, teacher: SceneCrossEncoder, pool, scenes) -> dict:
-    """Train `teacher` in place (ALBEF recipe below); return its state dict."""
+def family_accuracy(score_pairs, pool, scenes) -> float:
+    """Within-family accuracy of a pair scorer `score_pairs(cells, tokens, rows, cols)` on a scene set."""
+    rows, cols, positive = _family_pairs(scenes)
+    scores = score_pairs(scenes.images(pool), scenes.tokens, rows, cols)
+    return _family_acc(scores, rows, cols, positive, len(scenes.text_scene))
+
+
+def _fit_teacher(cfg: ScenesConfig, seed: int, engine, teacher: SceneCrossEncoder, pool, scenes, val) -> dict:
+    """Train `teacher` in place (ALBEF recipe below) until the validation target; return state and report."""
     opt = torch.optim.AdamW(teacher.parameters(), lr=cfg.teacher_lr)
     n_fam = int(scenes.family.max()) + 1
+    tcfg = dataclasses.replace(cfg, batch_families=cfg.teacher_batch_families)
+    history = []
+    best = None
     for step in engine.progress(range(cfg.teacher_steps), desc="teacher ITM"):
-        idx, text_idx, pos = _batch(scenes, n_fam, cfg, 10_000 + seed, step)
+        teacher.train()
+        idx, text_idx, pos = _batch(scenes, n_fam, tcfg, 10_000 + seed, step)
         fam = scenes.family[idx]
         # pairs: every in-family pair (positives + hard negatives) and one random other-family caption
         same = fam[:, None] == fam[None, :]
@@ -164,7 +198,21 @@ def _fit_teacher(cfg: ScenesConfig, seed: int, engine, teacher: SceneCrossEncode
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return teacher.state_dict()
+        last = step + 1 == cfg.teacher_steps
+        if val is not None and ((step + 1) % cfg.teacher_eval_every == 0 or last):
+            teacher.eval()
+            acc = family_accuracy(teacher.score_pairs, *val)
+            history.append((step + 1, acc))
+            if best is None or acc > best[0]:
+                best = (acc, step + 1, {k: v.clone() for k, v in teacher.state_dict().items()})
+            if acc >= cfg.teacher_target_acc:
+                break
+    if best is None:
+        return {"state": teacher.state_dict(), "report": {}}
+    # the best validation checkpoint (the last one when the target is reached)
+    return {"state": best[2], "report": {"teacher_val_family_acc": best[0], "teacher_steps_used": best[1],
+                                         "teacher_reached_target": float(best[0] >= cfg.teacher_target_acc),
+                                         "teacher_val_history": history}}
 
 
 def _family_pairs(scenes):
@@ -181,17 +229,23 @@ def _family_acc(scores, rows, cols, positive, n_texts) -> float:
     return 100.0 * (pos_score > neg_best).float().mean().item()
 
 
-def _train_student(cfg, arm, seed, engine, weight, teacher, pool, scenes, tag: str):
+def _new_student(cfg, arm, seed, setting, pool) -> DualEncoderTrainer:
     torch.manual_seed(seed + 7)
     model = DualEncoder(SceneImageTower(cfg.student_dim, pool.shape[-1]), SceneTextTower(cfg.student_dim))
-    trainer = DualEncoderTrainer(model, loss_for_arm(arm, cfg, weight), lr=cfg.lr)
+    return DualEncoderTrainer(model, loss_for_arm(arm, cfg, setting), lr=cfg.lr)
+
+
+def _train_student(cfg, arm, seed, engine, setting, teacher, pool, scenes, tag: str, done: dict | None = None):
+    """Train one grid setting; checkpoints carry `done` (the finished settings' states) along."""
+    trainer = _new_student(cfg, arm, seed, setting, pool)
+    done = {} if done is None else done
     ckpt = engine.load_checkpoint()
     start = 0
     if ckpt is not None and ckpt.get("tag") == tag:
         trainer.load_state_dict(ckpt["trainer"])
         start = trainer.step
     n_fam = int(scenes.family.max()) + 1
-    for step in engine.progress(range(start, cfg.student_steps), desc=f"{arm} λ={weight}"):
+    for step in engine.progress(range(start, cfg.student_steps), desc=f"{arm} {setting_label(setting)}"):
         idx, text_idx, pos = _batch(scenes, n_fam, cfg, seed, step)
         cells, tokens = scenes.images(pool, idx), scenes.tokens[text_idx]
         scorer = DenseWhenLarge(lambda rr, qq, c_=cells, t_=tokens: teacher.score_pairs(c_, t_, rr, qq),
@@ -199,7 +253,7 @@ def _train_student(cfg, arm, seed, engine, weight, teacher, pool, scenes, tag: s
         trainer.teacher = lambda c, t, r, q, s_=scorer: s_(r, q)
         trainer.update(cells, tokens, pos)
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.student_steps:
-            engine.save_checkpoint({"tag": tag, "trainer": trainer.state_dict()})
+            engine.save_checkpoint({"tag": tag, "trainer": trainer.state_dict(), "done": done})
     return trainer
 
 
@@ -211,25 +265,37 @@ def _evaluate(trainer, pool, scenes) -> tuple[dict, torch.Tensor]:
 @register_experiment(
     "cprd-fmnist-scenes", config=ScenesConfig, reference="infonce", metrics=METRICS,
     description="CPRD image-text retrieval on Fashion-MNIST 2x2 scenes with a cross-encoder teacher "
-                "(arms: infonce, kl, rank, cprd, cprd_all)",
+                "(InfoNCE, tuned KL / ListNet / margin-MSE, CPRD and its controls and ablations)",
     profiles={
-        "quick": {"seeds": 2, "train_families": 600, "val_families": 50, "test_families": 100,
-                  "teacher_steps": 300, "student_steps": 150, "ckpt_every": 100},
-        "full": {"seeds": 3},
+        "quick": {"seeds": 2, "train_families": 600, "val_families": 50, "test_families": 100, "item_epochs": 1,
+                  "item_images": 10000, "teacher_steps": 300, "student_steps": 150, "ckpt_every": 100,
+                  "weights": (1.0,), "teacher_temps": (1.0,), "valid_rules": ("below_positive",)},
+        "cpu": {},
+        "full": {"seeds": 10, "student_steps": 1000},
     },
+    method="cprd", headline=("RSUM", "family_acc"),
     plot=plot_score_distributions,
 )
 def cprd_fmnist_scenes(cfg: ScenesConfig, arm: str, seed: int, engine) -> dict:
+    seed = cfg.seed_offset + seed  # the pre-declared block
     (tr_pool, train), (va_pool, val), (te_pool, test) = _data(cfg, seed, engine)
-    teacher = train_teacher(cfg, seed, engine, tr_pool, train)
-    weights = (0.0,) if arm == "infonce" else cfg.weights
+    teacher, teacher_report = train_teacher(cfg, seed, engine, tr_pool, train, (va_pool, val))
     best = None
-    for w in weights:
-        trainer = _train_student(cfg, arm, seed, engine, w, teacher, tr_pool, train, tag=f"{arm}-{w}")
+    ckpt = engine.load_checkpoint()
+    done = dict(ckpt.get("done", {})) if ckpt is not None else {}  # finished settings survive a restart
+    for i, setting in enumerate(arm_grid(arm, cfg)):
+        if i in done:
+            trainer = _new_student(cfg, arm, seed, setting, tr_pool)
+            trainer.load_state_dict(done[i])
+        else:
+            trainer = _train_student(cfg, arm, seed, engine, setting, teacher, tr_pool, train, tag=f"{arm}-{i}",
+                                     done=done)
+            done[i] = trainer.state_dict()
+            engine.save_checkpoint({"tag": f"{arm}-{i}-done", "trainer": done[i], "done": done})
         val_m, _ = _evaluate(trainer, va_pool, val)
         if best is None or val_m["RSUM"] > best[0]["RSUM"]:
-            best = (val_m, w, trainer)
-    val_m, w, trainer = best
+            best = (val_m, setting, trainer)
+    val_m, setting, trainer = best
     out, sim = _evaluate(trainer, te_pool, test)
     rows, cols, positive = _family_pairs(test)
     t_scores = teacher.score_pairs(test.images(te_pool), test.tokens, rows, cols)
@@ -237,10 +303,14 @@ def cprd_fmnist_scenes(cfg: ScenesConfig, arm: str, seed: int, engine) -> dict:
     n_t = len(test.text_scene)
     out["family_acc"] = _family_acc(s_scores, rows, cols, positive, n_t)
     out["teacher_family_acc"] = _family_acc(t_scores, rows, cols, positive, n_t)
+    out["val_family_acc"] = family_accuracy(lambda c, t, r, q: trainer.similarity(c, t)[r, q], va_pool, val)
+    out |= {k: v for k, v in teacher_report.items()}
     # CxC analogue: do student and teacher order the hard negatives alike?
     out["rank_corr_teacher"] = rank_corr(s_scores[~positive], t_scores[~positive])
     out["val_RSUM"] = val_m["RSUM"]
-    out["weight"] = w
+    out["weight"] = setting["weight"]
+    out["setting"] = setting_label(setting)
+    out["seed_used"] = seed
     out["tau"] = float(trainer.model.tau.detach())
     p_t = torch.sigmoid(t_scores)
     out |= spread_stats(p_t, "teacher_prob") | spread_stats(s_scores, "student_cos")

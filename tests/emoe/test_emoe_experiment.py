@@ -34,21 +34,54 @@ def test_emoe_wordnet_arms_map_to_settings():
     assert exp.make_config("quick").arms == ("dense", "emoe")
 
 
+def test_emoe_wordnet_lr_is_chosen_by_the_seed_mean_and_bootstrap_pairs_items():
+    from transferlab.emoe.analysis import choose_lrs, paired_bootstrap
+
+    def row(arm, seed, v0, v1):
+        return {"arm": arm, "seed": seed, "metrics": {"lr0": 1e-4, "lr0_val_acc": v0, "lr1": 2e-4, "lr1_val_acc": v1}}
+
+    # seed 0 prefers 2e-4 by a little, seed 1 prefers 1e-4 by a lot: the mean picks 1e-4 for both seeds
+    rows = [row("emoe", 0, 50.0, 51.0), row("emoe", 1, 60.0, 50.0), row("dense", 0, 40.0, 40.0)]
+    assert choose_lrs(rows) == {"emoe": 1e-4, "dense": 1e-4}
+    a = {s: torch.tensor([1, 1, 0, 1]) for s in range(3)}
+    b = {s: torch.tensor([1, 0, 0, 1]) for s in range(3)}
+    mean, lo, hi = paired_bootstrap(a, b, reps=200)
+    assert mean == pytest.approx(25.0) and lo <= mean <= hi and lo >= 0
+
+
+def test_emoe_official_arm_carries_the_published_recipe():
+    cfg = EMoEWordnetConfig()
+    o = emoe_settings(cfg, "emoe-official")
+    assert (o.gate_noise, o.capacity_factor, o.aux_loss_weight, o.expert_dropout, o.expert_dropout_position) == (
+        1.0, 1.5, 0.01, 0.1, "pre")
+    cpu = get_experiment("emoe-wordnet").make_config("cpu")
+    assert set(cpu.arms) == {"dense", "emoe", "emoe-official"} and cpu.epochs == 5 and cpu.seeds >= 8
+    assert cpu.n_test >= 3000 and cpu.weight_decay == 0.0 and cpu.warmup == 0.0 and len(cpu.lrs) >= 2
+
+
 @pytest.mark.slow
 def test_emoe_wordnet_tiny_run(tmp_path):
     from transferlab.core.runner import run_experiment
 
-    over = {"arms": ("dense", "emoe", "emoe-reverted", "lora-emoe"), "n_train": 64, "n_val": 20, "n_test": 30,
-            "lrs": (1e-4, 3e-4), "lora_lrs": (1e-3,), "max_len": 16, "batch_size": 16}
+    over = {"arms": ("dense", "emoe", "emoe-official", "emoe-reverted", "lora-emoe"), "n_train": 64, "n_val": 20,
+            "n_test": 30, "lrs": (1e-4, 3e-4), "lora_lrs": (1e-3,), "max_len": 16, "batch_size": 16, "epochs": 2}
     out = run_experiment("emoe-wordnet", "quick", seeds=1, overrides=over, out=tmp_path)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by = {r["arm"]: r["metrics"] for r in rows}
     assert set(by) == set(over["arms"])
     for m in by.values():
-        assert 0 <= m["id_acc"] <= 100 and 0 <= m["ood_f1"] <= 100
+        assert 0 <= m["id_acc"] <= 100 and 0 <= m["ood_f1"] <= 100 and m["best_epoch"] in (1, 2)
+        assert m["lr"] in (m["lr0"], m.get("lr1"))
     assert by["emoe-reverted"]["lr"] == by["emoe"]["lr"]  # the same trained run, served dense
     assert by["lora-emoe"]["lr"] == 1e-3
-    assert (out / "table.md").exists() and (out / "notes.md").exists()
+    assert (out / "table.md").exists() and "seed mean" in (out / "notes.md").read_text()
+    assert (out / "emoe_wordnet_curves.png").exists() and (out / "emoe_wordnet_usage.png").exists()
+    h = rows[0]["config_hash"]
+    det = json.loads((out / "details" / h / "emoe-official-seed0.json").read_text())
+    one = det[format(1e-4, "g")]
+    assert len(one["history"]) == 2 and len(one["pred"]["ood"]) == len(one["label"]["ood"]) >= 30
+    usage = torch.tensor(one["usage"]["id"]["4"])  # (39 classes, 16 experts) routing counts on the ID test
+    assert usage.shape == (39, 16) and usage.sum() > 0
 
 
 @pytest.mark.slow
@@ -68,7 +101,7 @@ def test_emoe_wordnet_resume_after_kill_gives_same_weights(tmp_path):
         engine.run_dir = tmp_path / folder
         if resume is None:
             engine.seed(0)
-        return train_one(cfg, "emoe", 0, 1e-4, data, engine, "t", runs={}, resume=resume).state_dict()
+        return train_one(cfg, "emoe", 0, 1e-4, data, engine, "t", runs={}, resume=resume)[0].state_dict()
 
     ref = train("a")
 

@@ -8,7 +8,7 @@ teacher and the inner step run channels-last on CPU (layout.py), where NCHW pool
 slow. So that this does not flatter the ratio, the second line compares against the student pass
 run channels-last too (the fastest student pass we know); it sits right at the FLOP floor. The third
 line isolates our overhead (same work as plain module calls, same layout); the fourth shows `adapt`
-with the layout switched off (the previous implementation's numbers).
+with the layout switched off (plain NCHW execution).
 """
 
 from __future__ import annotations
@@ -67,5 +67,5 @@ def bench_adapt(device: str) -> list[Comparison]:
         Comparison("metadmoe-adapt-overhead", "adapt(64 imgs, 5 experts)", "same work as plain calls", adapt_w, work,
                    target=1.3, mode="ratio", note="overhead of functional_call / parameter aliases"),
         Comparison("metadmoe-adapt-nchw", "adapt, channels_last=False", "student fwd+bwd (64 imgs)", adapt_n, base_n,
-                   mode="ratio", note="without the channels-last layout (previous implementation)"),
+                   mode="ratio", note="without the channels-last layout (plain NCHW)"),
     ]

@@ -69,7 +69,7 @@ def test_gate_routes_only_the_class_tailors_and_others_get_zero_grad(compute):
         assert not torch.allclose(layer(x), out)
 
 
-@pytest.mark.parametrize("compute", ["factored", "dense"])
+@pytest.mark.parametrize("compute", ["factored", "dense", "auto"])
 def test_mixed_class_batch_equals_per_sample_runs(compute):
     table = gate_table(num_classes=3, n_tailor=6, k_active=2, assignment="random", seed=3)
     layer = _random_layer(compute, n_t=6)
@@ -82,6 +82,24 @@ def test_mixed_class_batch_equals_per_sample_runs(compute):
     # the null label gets exactly the learngene-only layer
     learngene_only = x[2] @ ((layer.U_g * layer.s_g) @ layer.V_g.T).T + layer.bias
     torch.testing.assert_close(mixed[2], learngene_only, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(4, 12), (4, 3, 12)])
+def test_mixed_batch_gathered_tailors_match_dense_weights_and_unused_tailors_get_zero_grad(shape):
+    """The mixed-class path (learngenes as one product, each sample's own tailors by batched matmuls)."""
+    table = gate_table(num_classes=3, n_tailor=9, k_active=2)  # classes use tailors 0-1, 2-3, 4-5; 6-8 unused
+    layer = _with_context(_random_layer("auto", n_t=9), torch.tensor([0, 2, 3, 2]), table)
+    x = torch.randn(*shape, dtype=torch.float64)
+    out = layer(x)
+    for b, c in enumerate([0, 2, 3, 2]):
+        manual = x[b] @ layer.dense_weight(table[c].double()).T + layer.bias
+        torch.testing.assert_close(out[b], manual, atol=1e-10, rtol=0)
+    out.square().sum().backward()
+    unused = [2, 3, 6, 7, 8]  # class 1 is not in the batch; the null label (3) uses no tailor
+    for p in (layer.U_t, layer.V_t):
+        assert torch.equal(p.grad[:, unused], torch.zeros_like(p.grad[:, unused]))
+        assert p.grad[:, [0, 1, 4, 5]].abs().min() > 0
+    assert torch.equal(layer.s_t.grad[unused], torch.zeros(5, dtype=torch.float64))
 
 
 def test_class_gate_is_deterministic_with_k_per_class_and_disjoint_blocks():

@@ -207,9 +207,9 @@ class KindLinear(nn.Module):
         if ctx.inverse.shape[0] != x.shape[0]:
             raise UserError(f"KindLinear got a batch of {x.shape[0]} but the class gate was set for "
                             f"{ctx.inverse.shape[0]} labels; call the converted model, not its layers, with labels")
-        rank = self.n_learngene + int(masks.sum(1).max().item())
-        mode = self._choose(x.numel() // self.in_features, masks.shape[0], rank)
-        if mode == "factored":
+        if self.compute == "auto":
+            return self._gathered(x, masks, ctx.inverse)
+        if self.compute == "factored":
             # per-sample scale vector: learngenes always on, tailors times the sample's mask
             m = masks[ctx.inverse].to(x.dtype)  # (B, n_tailor)
             scale = torch.cat([self.s_g.expand(len(m), -1), self.s_t * m], 1)
@@ -226,6 +226,38 @@ class KindLinear(nn.Module):
             index.append(idx)
         order = torch.cat(index)
         return torch.cat(parts)[torch.argsort(order)]
+
+    def _learngenes(self, x: torch.Tensor) -> torch.Tensor:
+        """Learngene part plus bias, as one GEMM with W_g = U_g diag(s_g) V_g^T or factored if cheaper."""
+        tokens = x.numel() // self.in_features
+        factored = tokens * self.n_learngene * (self.in_features + self.out_features)
+        dense = self.in_features * self.out_features * (self.n_learngene + tokens)
+        if factored < dense:
+            return F.linear((x @ self.V_g) * self.s_g, self.U_g, self.bias)
+        return F.linear(x, (self.U_g * self.s_g) @ self.V_g.T, self.bias)
+
+    def _gathered(self, x: torch.Tensor, masks: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        """Mixed-class batch: learngenes as one product for all samples; each sample's own active tailors
+        gathered into (B, in, k) / (B, k, out) factors and applied by two batched matmuls.
+
+        k is the most tailors any mask in the batch switches on; masks with fewer are padded with
+        inactive tailors weighted 0 (so they get exactly zero gradient). Cost: learngenes + k/n_tailor of
+        the tailors, however many classes the batch holds.
+        """
+        y = self._learngenes(x)
+        k = int(masks.sum(1).max().item())
+        if k == 0:
+            return y
+        # active tailors first in each distinct mask, then padding; gathered per sample
+        order = torch.argsort(masks, dim=1, descending=True, stable=True)[:, :k]  # (G, k)
+        weight = masks.gather(1, order).to(x.dtype)
+        idx, w = order[inverse].reshape(-1), weight[inverse]  # (B*k,), (B, k)
+        b = x.shape[0]
+        V = self.V_t.T.index_select(0, idx).view(b, k, self.in_features)
+        U = self.U_t.T.index_select(0, idx).view(b, k, self.out_features)
+        h = torch.bmm(x.reshape(b, -1, self.in_features), V.transpose(1, 2))  # (B, N, k)
+        h = h * (self.s_t.index_select(0, idx).view(b, 1, k) * w.unsqueeze(1))
+        return torch.baddbmm(y.reshape(b, -1, self.out_features), h, U).view(y.shape)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, learngenes={self.n_learngene}, "

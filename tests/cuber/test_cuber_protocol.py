@@ -105,3 +105,14 @@ def test_new_streams_run_and_report_the_rule(tmp_path, name, over):
     assert "rule=" in notes
     if "ewc" in over["arms"]:
         assert "EWC lambda chosen" in notes
+
+
+def test_notes_give_a_verdict_per_comparison():
+    rows = [{"arm": a, "seed": s, "metrics": {"bwt": v + s * 0.1, "acc": 50.0 + s}}
+            for s in range(4) for a, v in (("gpm", 0.0), ("trgp", 1.0), ("cuber", 2.0))]
+    cfg = {"arms": ("gpm", "trgp", "cuber"), "rule": "free", "corr_space": "subspace", "eps_corr": 0.0,
+           "trust_radius": 0.0, "step_scale": 1.0}
+    notes = ex.checks_markdown(rows, cfg)
+    assert "BWT cuber − gpm: 2.00 ± 0.00 over 4 seeds (CI above 0)" in notes
+    assert "BWT cuber − trgp: 1.00 ± 0.00 over 4 seeds (CI above 0)" in notes
+    assert "`cuber`: rule=free" in notes

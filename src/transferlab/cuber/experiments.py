@@ -253,8 +253,9 @@ def checks_markdown(rows: list[dict], cfg: dict) -> str:
         if a in arms and b in arms:
             mean, half, n = paired_diff(_by_seed(rows, a, m), _by_seed(rows, b, m))
             if n:
-                excl = "" if math.isnan(half) else (" (CI excludes 0)" if abs(mean) > half else " (CI includes 0)")
-                lines.append(f"- {m.upper()} {a} − {b}: {fmt_ci(mean, half)} over {n} seeds{excl}")
+                verdict = "" if math.isnan(half) else (
+                    " (CI above 0)" if mean - half > 0 else " (CI below 0)" if mean + half < 0 else " (CI includes 0)")
+                lines.append(f"- {m.upper()} {a} − {b}: {fmt_ci(mean, half)} over {n} seeds{verdict}")
     for arm in ["trgp", *cubers]:
         if arm in arms:
             reg = [mean_ci(_by_seed(rows, arm, f"regime{k}").values())[0] for k in (1, 2, 3)]

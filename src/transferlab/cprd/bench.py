@@ -2,7 +2,7 @@
 
 Batch 512, K = 16, embedding dim 256; the teacher scores are a precomputed matrix, so the ratio
 measures the loss itself (mining, gather, sort, suffix logsumexp), not a teacher's forward pass.
-Target: at most 1.5x InfoNCE alone (issue 8). On CPU the label says whether CPRD's C kernels
+Target: at most 1.5x InfoNCE alone. On CPU the label says whether CPRD's C kernels
 (cprd/kernels.py) ran or the PyTorch path did (no C compiler, or TRANSFERLAB_NATIVE=0).
 
 Why several batches in rotation: a training step never sees the same batch twice in a row. Timing

@@ -55,7 +55,9 @@ METRICS = ("RSUM", "i2t_R@1", "t2i_R@1", "family_acc")
 class ScenesConfig:
     """CPRD on Fashion-MNIST scenes (paper: COCO/Flickr retrieval experiments, scaled to CPU; reconstructed)."""
 
-    arms: tuple[str, ...] = field(ARMS, ARM_HELP)
+    arms: tuple[str, ...] = field(tuple(a for a in ARMS if a != "cprd_easy"),
+                                  ARM_HELP + ". cprd_easy is left out by default: the in-batch pool (32) is too "
+                                             "small for top-K to be selective; cprd-wordnet tests it")
     seeds: int = field(5, "number of seeds, taken from the pre-declared block starting at seed_offset")
     seed_offset: int = field(100, "first seed of the block (seeds 0-7 served to size and debug the experiment, "
                                   "so the reported comparison uses a block none of them touched)")
@@ -66,11 +68,11 @@ class ScenesConfig:
     test_families: int = field(150, "test families (Fashion-MNIST test images)")
     family_size: int = field(4, "scenes per family: 1 base + (family_size - 1) hard variants")
     n_captions: int = field(3, "captions (paraphrases) per scene")
-    teacher_steps: int = field(4000, "most teacher ITM training steps")
+    teacher_steps: int = field(3000, "most teacher ITM training steps")
     teacher_target_acc: float = field(85.0, "teacher training stops once its within-family accuracy on the "
                                             "validation scenes reaches this (%)")
-    teacher_eval_every: int = field(200, "teacher steps between validation checks")
-    teacher_lr: float = field(2e-3, "teacher AdamW learning rate")
+    teacher_eval_every: int = field(250, "teacher steps between validation checks")
+    teacher_lr: float = field(3e-3, "teacher AdamW learning rate")
     teacher_batch_families: int = field(16, "families per teacher step (every in-family pair is scored)")
     student_steps: int = field(500, "student training steps (same for every arm)")
     batch_families: int = field(8, "families per student batch (batch = batch_families x family_size); "
@@ -78,10 +80,11 @@ class ScenesConfig:
     student_dim: int = field(16, "student embedding dimension (small: the dual encoder must be the weaker model)")
     lr: float = field(2e-3, "student AdamW learning rate")
     k: int = field(8, "CPRD / baseline hard negatives per anchor (reconstructed)")
-    weights: tuple[float, ...] = field((0.3, 1.0, 3.0), "λ grid of every distillation arm; the best on validation "
-                                                        "RSUM is kept (reconstructed)")
-    teacher_temps: tuple[float, ...] = field((0.3, 1.0, 3.0), "teacher temperature grid of the kl and listnet "
-                                                              "arms (on ITM logits)")
+    weights: tuple[float, ...] = field((0.5, 2.0), "λ grid of every distillation arm; the best on validation "
+                                                   "RSUM is kept (reconstructed; two values keep the cpu profile "
+                                                   "within its budget)")
+    teacher_temps: tuple[float, ...] = field((1.0, 3.0), "teacher temperature grid of the kl and listnet arms "
+                                                         "(on ITM + ITC logits)")
     valid_rules: tuple[str, ...] = field(("all", "below_positive"), "validity rules tried by every CPRD arm "
                                                                     "except cprd_all (chosen on validation)")
     rank_reduction: str = field("mean", "CPRD per anchor: mean or sum of the rank terms")

@@ -90,8 +90,10 @@ class WordnetConfig:
     teacher_lr: float = field(3e-4, "minilm_ce: AdamW learning rate of the new heads")
     teacher_encoder_lr: float = field(3e-5, "minilm_ce: AdamW learning rate of the joint MiniLM layers")
     teacher_eval_every: int = field(50, "minilm_ce: steps between validation re-rank checks (best kept)")
-    batch_size: int = field(24, "student batch (synsets); the partition is fixed, its order reshuffled")
-    epochs: int = field(6, "student epochs over the training synsets")
+    batch_size: int = field(96, "student batch (synsets) = the mining pool; top-8 of 95 negatives is selective, "
+                                "which the cprd / cprd_easy / cprd_all contrast needs. The partition is fixed, "
+                                "its order reshuffled")
+    epochs: int = field(18, "student epochs over the training synsets (20 batches each at the defaults)")
     lr: float = field(1e-3, "student AdamW learning rate")
     k: int = field(8, "hard negatives per anchor (reconstructed)")
     weights: tuple[float, ...] = field((0.3, 1.0, 3.0), "λ grid of every distillation arm, best on validation RSUM")
@@ -263,7 +265,7 @@ def teacher_advantage(scorer, em, q_idx, g_idx, q_to_g, candidates: int = 10) ->
     profiles={
         "quick": {"seeds": 2, "train_synsets": 600, "val_synsets": 100, "test_synsets": 300, "max_tokens": 20,
                   "teacher_joint_layers": 1, "teacher_extra_synsets": 2000, "teacher_steps": 200,
-                  "teacher_queries": 8, "epochs": 3, "weights": (1.0,), "teacher_temps": (0.05,),
+                  "teacher_queries": 8, "batch_size": 48, "epochs": 8, "weights": (1.0,), "teacher_temps": (0.05,),
                   "valid_rules": ("below_positive",)},
         "cpu": {},
         "full": {"seeds": 10},

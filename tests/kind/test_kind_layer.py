@@ -88,7 +88,7 @@ def test_mixed_class_batch_equals_per_sample_runs(compute):
 def test_mixed_batch_gathered_tailors_match_dense_weights_and_unused_tailors_get_zero_grad(shape):
     """The mixed-class path (learngenes as one product, each sample's own tailors by batched matmuls)."""
     table = gate_table(num_classes=3, n_tailor=9, k_active=2)  # classes use tailors 0-1, 2-3, 4-5; 6-8 unused
-    layer = _with_context(_random_layer("auto", n_t=9), torch.tensor([0, 2, 3, 2]), table)
+    layer = _with_context(_random_layer("auto", n_t=9, o=14), torch.tensor([0, 2, 3, 2]), table)
     x = torch.randn(*shape, dtype=torch.float64)
     out = layer(x)
     for b, c in enumerate([0, 2, 3, 2]):

@@ -144,6 +144,10 @@ def _new_model(cfg, mcfg: MetaDMoEConfig, state: dict | None = None) -> MetaDMoE
     return m
 
 
+BASE_FIELDS = ("family", "rotation_mode", "n_train", "n_val", "width", "hidden", "heads", "student_epochs",
+               "expert_epochs", "patience", "aggregator_epochs", "aggregator_lr", "expert_init", "data_path")
+
+
 def _base(cfg, seed, fold, sources, vals, ctx) -> dict:
     """Stages 3, 1, 2 for one (seed, fold), built once and shared by every arm of this seed."""
     def build():
@@ -154,7 +158,9 @@ def _base(cfg, seed, fold, sources, vals, ctx) -> dict:
         m.pretrain_aggregator(sources, seed=seed, progress=ctx.progress)
         return {"state": {k: v.detach().cpu() for k, v in m.state_dict().items()}, "fit_log": m.fit_log}
 
-    return ctx.shared(f"base-fold{fold}", build)
+    # keyed by what stages 1-3 depend on, so runs differing only in adaptation/protocol options share them
+    key = {f: getattr(cfg, f) for f in BASE_FIELDS}
+    return ctx.shared(f"base-fold{fold}", build, key={"metadmoe-base": key})
 
 
 def _meta(cfg, seed, fold, variant, alpha, sources, base, engine) -> MetaDMoE:

@@ -94,13 +94,15 @@ class Tent:
         model: a trained backbone with `features`/`head` and BatchNorm layers (copied, not modified).
         lr: Adam learning rate (official CIFAR-10-C: 1e-3).
         steps: entropy steps per `update` call (official: 1).
-        episodic: `reset()` before every `update`, so each batch adapts from the source model.
+        episodic: `reset()` before every `update`, so each batch adapts from the source model. The default
+            (official) is online: adaptation carries over from batch to batch; create a new `Tent` (or
+            call `reset()`) at the start of each target domain.
 
     `predict` runs after the update. (The official `forward` returns the outputs computed *before*
     its step, which in episodic one-step mode equals BN-adapt; we evaluate the adapted model.)
     """
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, steps: int = 1, episodic: bool = True):
+    def __init__(self, model: nn.Module, lr: float = 1e-3, steps: int = 1, episodic: bool = False):
         if lr <= 0 or steps < 1:
             raise UserError(f"Tent needs lr > 0 and steps >= 1, got lr={lr}, steps={steps}")
         self.model = _batch_stats_copy(model)

@@ -7,7 +7,18 @@ import pytest
 import torch
 
 from transferlab.core.errors import UserError
-from transferlab.kind import KindConfig, KindLinear, convert, kind_stats, load_learngenes, merge, save_learngenes
+from transferlab.kind import (
+    KindConfig,
+    KindLinear,
+    convert,
+    extract_learngenes,
+    from_pretrained,
+    kind_stats,
+    load_learngenes,
+    merge,
+    save_learngenes,
+    save_pretrained,
+)
 from transferlab.kind import transfer as kind_transfer
 from transferlab.kind.model import TRAINABLE_GROUPS, fit
 from transferlab.nn.diffusion import Diffusion
@@ -64,13 +75,19 @@ def test_merge_equals_gated_forward_for_the_class():
     x, t, _ = _inputs()
     for c in range(3):
         y = torch.full((4,), c)
-        merged = merge(model, c)
+        merged = merge(model, c, copy=True)
         torch.testing.assert_close(merged(x, t, y), model(x, t, y), atol=1e-5, rtol=1e-5)
         assert not any(isinstance(m, KindLinear) for m in merged.modules())
+        assert any(isinstance(m, KindLinear) for m in model.modules())  # copy=True leaves the model as it is
     with pytest.raises(UserError, match="merged for class 2"):
         merged(x, t, torch.tensor([2, 2, 1, 2]))
     with pytest.raises(UserError, match="outside the gate"):
         merge(model, 7)
+    # default: in place, the same object comes back
+    y = torch.full((4,), 1)
+    before = model(x, t, y)
+    assert merge(model, 1) is model and not any(isinstance(m, KindLinear) for m in model.modules())
+    torch.testing.assert_close(model(x, t, y), before, atol=1e-5, rtol=1e-5)
 
 
 def test_classes_route_differently_and_bad_labels_fail_before_any_compute():
@@ -89,10 +106,14 @@ def test_learngene_save_load_round_trip(tmp_path):
         for m in src.modules():
             if isinstance(m, KindLinear):
                 m.bias.normal_()
-    save_learngenes(src, tmp_path / "genes.pt", include_dense=True)
+    save_learngenes(src, tmp_path / "genes.safetensors", include_dense=True)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "genes.safetensors", "pt") as f:  # a plain safetensors file, no pickle
+        assert not any(k.endswith(("U_t", "s_t", "V_t")) or "y_embed" in k for k in f.keys())
     torch.manual_seed(123)
     dst = convert(DiT(image_size=8, patch=4, width=16, depth=2, heads=2, num_classes=3), cfg)
-    load_learngenes(dst, tmp_path / "genes.pt")
+    load_learngenes(dst, tmp_path / "genes.safetensors")
     for (n, p), (_, q) in zip(src.named_parameters(), dst.named_parameters()):
         if n.endswith(("U_g", "s_g", "V_g")):
             assert torch.equal(p, q), n
@@ -105,7 +126,7 @@ def test_learngene_save_load_round_trip(tmp_path):
 
 
 def test_loading_learngenes_into_another_shape_is_a_clear_error_and_changes_nothing(tmp_path):
-    genes = save_learngenes(convert(_dit(width=16), KindConfig(n_learngene=8, n_tailor=8)))
+    genes = extract_learngenes(convert(_dit(width=16), KindConfig(n_learngene=8, n_tailor=8)))
     other = convert(_dit(width=24), KindConfig(n_learngene=8, n_tailor=8))
     before = {n: p.detach().clone() for n, p in other.named_parameters()}
     with pytest.raises(UserError, match="same width"):
@@ -115,7 +136,7 @@ def test_loading_learngenes_into_another_shape_is_a_clear_error_and_changes_noth
     with pytest.raises(UserError, match="n_learngene"):
         load_learngenes(fewer, genes)
     with pytest.raises(UserError, match="does not exist"):
-        load_learngenes(other, tmp_path / "missing.pt")
+        load_learngenes(other, tmp_path / "missing.safetensors")
 
 
 def test_convert_rejects_too_many_components_before_touching_the_model():
@@ -178,3 +199,46 @@ def test_transfer_on_diffusers_dit_to_another_number_of_classes_resizes_every_cl
     assert all(torch.equal(p, genes[n]) for n, p in model.named_parameters() if n in genes)
     with pytest.raises(UserError, match="outside the gate"):
         model(x, timestep=t, class_labels=torch.tensor([0, 1, 2, 4]))
+
+
+def test_kind_config_round_trips_through_a_dict_and_refuses_unknown_keys():
+    import json
+
+    cfg = KindConfig(n_learngene=5, n_tailor=7, k_active=2, assignment="random", gate=False, targets=("q", "fc2"))
+    assert KindConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(UserError, match="unknown KindConfig field"):
+        KindConfig.from_dict({**cfg.to_dict(), "n_tailors": 3})
+
+
+def test_save_pretrained_from_pretrained_gives_identical_outputs_after_transfer(tmp_path):
+    import json
+
+    model = convert(_dit(), KindConfig(n_learngene=6, n_tailor=9, k_active=3, assignment="random", gate_seed=4))
+    kind_transfer(model, 2, n_tailor=4, k_active=2)  # another number of classes and of tailors
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_pretrained(model, tmp_path / "m")
+    blob = json.loads((tmp_path / "m" / "transferlab_config.json").read_text())
+    assert blob["method"] == "kind" and blob["version"] == 1 and blob["num_classes"] == 2
+    assert blob["config"]["n_tailor"] == 4 and blob["config"]["k_active"] == 2
+    loaded = from_pretrained(tmp_path / "m", _dit())  # base model built for 3 classes
+    x, t, _ = _inputs()
+    y = torch.tensor([0, 1, 2, 1])  # 2 = the null label now
+    torch.testing.assert_close(loaded(x, t, y), model(x, t, y), atol=0, rtol=0)
+    assert torch.equal(loaded.kind_gate.table, model.kind_gate.table)
+
+
+def test_from_pretrained_refuses_other_methods_and_incomplete_folders(tmp_path):
+    import json
+
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "transferlab_config.json").write_text(json.dumps({"method": "emoe", "version": 1}))
+    with pytest.raises(UserError, match="not KIND"):
+        from_pretrained(tmp_path / "e", _dit())
+    with pytest.raises(UserError, match="not written by transferlab.kind.save_pretrained"):
+        from_pretrained(tmp_path / "nothing", _dit())
+    save_pretrained(convert(_dit(), KindConfig(n_learngene=6, n_tailor=9)), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="incomplete"):
+        from_pretrained(tmp_path / "m", _dit())

@@ -7,18 +7,19 @@ kept frozen and new random tailors are trained. See docs/kind.md.
 
 from .config import KindConfig
 from .gate import ClassGate
+from .io import extract_learngenes, from_pretrained, load_learngenes, save_learngenes, save_pretrained
 from .layer import GateContext, KindLinear, SplitQKV
 from .model import (
-    convert,
-    convert_dit_to_kind,
-    fit,
-    kind_stats,
-    load_learngenes,
-    merge,
-    pretrain,
-    save_learngenes,
-    transfer,
+           convert,
+           convert_dit_to_kind,  # noqa: F401  (deprecated alias, importable for one release)
+           fit,
+           kind_stats,
+           merge,
+           pretrain,
+           reset_class_embedders,
+           transfer,
 )
 
-__all__ = ["KindConfig", "KindLinear", "ClassGate", "GateContext", "SplitQKV", "convert", "convert_dit_to_kind",
-           "fit", "pretrain", "transfer", "save_learngenes", "load_learngenes", "merge", "kind_stats"]
+__all__ = ["KindConfig", "KindLinear", "ClassGate", "GateContext", "SplitQKV", "convert", "fit", "pretrain",
+           "transfer", "merge", "kind_stats", "reset_class_embedders", "save_pretrained", "from_pretrained",
+           "extract_learngenes", "save_learngenes", "load_learngenes"]

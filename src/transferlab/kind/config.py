@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,3 +56,21 @@ class KindConfig:
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise UserError(f"unknown KIND targets {bad}; choose from {', '.join(TARGETS)}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict of every field (targets as a list)."""
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KindConfig:
+        """Inverse of `to_dict`; unknown keys are refused."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown KindConfig field(s) {unknown}; known fields: {', '.join(sorted(known))}")
+        d = dict(d)
+        if "targets" in d:
+            d["targets"] = tuple(d["targets"])
+        return cls(**d)

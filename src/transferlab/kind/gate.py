@@ -64,6 +64,7 @@ class ClassGate(nn.Module):
         self.label_arg: str | None = None
         self.label_pos: int | None = None
         self.merged_class: int | None = None
+        self.config: dict | None = None  # the KindConfig.to_dict() of `convert`, for save_pretrained
         self.register_buffer("table", gate_table(num_classes, n_tailor, k_active, assignment, seed, gate,
                                                  null_class))
         self.settings = dict(k_active=k_active, assignment=assignment, seed=seed, gate=gate, null_class=null_class)

@@ -1,25 +1,23 @@
-"""Model-level KIND: convert a DiT, pre-train, transfer to new classes, save/load learngenes, merge.
+"""Model-level KIND: convert a DiT, pre-train, transfer to new classes, merge.
 
     model = convert(DiT(num_classes=6), KindConfig(n_learngene=48, n_tailor=48))
     fit(model, x, y, diffusion=Diffusion(), steps=2000, batch_size=128, lr=3e-4)   # KIND pre-training
     report = transfer(model, new_classes=4)      # learngenes frozen, new random tailors + labels trainable
     fit(model, x_new, y_new, diffusion=..., steps=500, batch_size=64, lr=3e-4)
-    save_learngenes(model, "genes.pt"); fast = merge(model, class_id=2)
+    save_pretrained(model, "out"); merge(model, class_id=2)   # (transferlab.kind.io) dense for class 2
 """
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
+import copy as _copy
 
 import torch
 from torch import nn
 
 from ..core.errors import UserError
-from ..core.io import atomic_torch_save
 from .config import KindConfig
 from .gate import ClassGate
-from .layer import LEARNGENE_PARAMS, TAILOR_PARAMS, KindLinear, SplitQKV
+from .layer import KindLinear, SplitQKV
 
 # module-name suffix -> role, for transferlab/facebookresearch DiT (fused qkv) and diffusers DiT
 SUFFIX_ROLES = {
@@ -106,11 +104,18 @@ def convert(model: nn.Module, config: KindConfig | None = None, num_classes: int
     for name, new in swaps:
         _set_module(model, name, new)
     model.kind_gate = gate.to(next(model.parameters()).device)
+    gate.config = cfg.to_dict()  # what `save_pretrained` records (kept up to date by `transfer`)
     gate.attach(model, cfg.label_arg)
     return model
 
 
-convert_dit_to_kind = convert
+def convert_dit_to_kind(model: nn.Module, config: KindConfig | None = None, num_classes: int | None = None):
+    """Deprecated alias of `convert`."""
+    import warnings
+
+    warnings.warn("convert_dit_to_kind is deprecated; use transferlab.kind.convert", DeprecationWarning,
+                  stacklevel=2)
+    return convert(model, config, num_classes)
 
 
 def kind_param_groups(model: nn.Module, lr: float, sigma_lr_mult: float = 1.0, weight_decay: float = 0.0):
@@ -245,75 +250,17 @@ def kind_stats(model: nn.Module) -> dict:
             "tailor": tailor, "tailor_formula": formula, "kind_layers": len(layers)}
 
 
-def save_learngenes(model: nn.Module, path: str | Path | None = None, include_dense: bool = False) -> dict:
-    """The learngene factors of every KIND layer (and, optionally, the class-agnostic dense parts).
-
-    Label embeddings are class-specific and never included. Written atomically when `path` is given.
-    """
-    genes = {n: {"in": m.in_features, "out": m.out_features, "n_learngene": m.n_learngene,
-                 **{k: getattr(m, k).detach().cpu().clone() for k in LEARNGENE_PARAMS}}
-             for n, m in kind_layers(model).items()}
-    if not genes:
-        raise UserError("the model has no KIND layers; nothing to save")
-    state = {"format": "transferlab.kind.learngenes/1", "layers": genes}
-    if include_dense:
-        # everything class-agnostic that is not a factor: embedders, adaLN, final layer, KIND biases
-        skip = TRAINABLE_GROUPS["label_embed"]
-        factors = {f"{k}.{p}" for k in genes for p in LEARNGENE_PARAMS + TAILOR_PARAMS}
-        state["dense"] = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
-                          if n not in factors and not any(s in n for s in skip)}
-    if path is not None:
-        atomic_torch_save(state, path)
-    return state
-
-
 @torch.no_grad()
-def load_learngenes(model: nn.Module, state: dict | str | Path) -> nn.Module:
-    """Copy saved learngenes into a converted model with the same layer names and shapes.
+def merge(model: nn.Module, class_id: int, *, copy: bool = False) -> nn.Module:
+    """Materialise every KIND layer as a dense `nn.Linear` for class `class_id`, in place (returns the
+    model; `copy=True` merges a deep copy and leaves `model` as it is).
 
-    Everything is checked before anything is copied, so a mismatch leaves the model untouched.
-    """
-    if not isinstance(state, dict):
-        if not Path(state).exists():
-            raise UserError(f"learngene file {str(state)!r} does not exist")
-        state = torch.load(state, map_location="cpu", weights_only=True)
-    if state.get("format") != "transferlab.kind.learngenes/1":
-        raise UserError("not a learngene file (expected format transferlab.kind.learngenes/1)")
-    layers, saved = kind_layers(model), state["layers"]
-    if set(layers) != set(saved):
-        missing, extra = sorted(set(saved) - set(layers)), sorted(set(layers) - set(saved))
-        raise UserError(f"learngene layers do not match the model: missing in model {missing[:3]}, "
-                        f"not in file {extra[:3]}; convert the same architecture with the same KindConfig.targets")
-    for n, m in layers.items():
-        s = saved[n]
-        if (s["in"], s["out"], s["n_learngene"]) != (m.in_features, m.out_features, m.n_learngene):
-            raise UserError(f"layer {n}: saved learngenes are {s['in']}->{s['out']} with {s['n_learngene']} "
-                            f"components, the model has {m.in_features}->{m.out_features} with {m.n_learngene}; "
-                            "build the model with the same width and KindConfig.n_learngene")
-    params = dict(model.named_parameters())
-    dense = state.get("dense", {})
-    for n, t in dense.items():
-        if n not in params or params[n].shape != t.shape:
-            raise UserError(f"dense parameter {n} from the learngene file does not fit the model "
-                            f"({tuple(t.shape)} vs {tuple(params[n].shape) if n in params else 'absent'})")
-    for n, m in layers.items():
-        for k in LEARNGENE_PARAMS:
-            getattr(m, k).copy_(saved[n][k])
-    for n, t in dense.items():
-        params[n].copy_(t)
-    return model
-
-
-@torch.no_grad()
-def merge(model: nn.Module, class_id: int) -> nn.Module:
-    """A copy of the model with every KIND layer materialised as a dense `nn.Linear` for class `class_id`.
-
-    Inference is then exactly as fast as the dense DiT; the copy accepts only label `class_id`
+    Inference is then exactly as fast as the dense DiT; the merged model accepts only label `class_id`
     (for guidance with the null label, sample with the unmerged model).
     """
     gate = _gate(model)
     mask = gate.mask(torch.tensor([class_id]))[0]
-    merged = copy.deepcopy(model)
+    merged = _copy.deepcopy(model) if copy else model
     for name, mod in list(merged.named_modules()):
         if isinstance(mod, SplitQKV):
             parts = [_dense(p, mask) for p in (mod.q, mod.k, mod.v)]

@@ -49,13 +49,26 @@ def test_emoe_wordnet_lr_is_chosen_by_the_seed_mean_and_bootstrap_pairs_items():
     assert mean == pytest.approx(25.0) and lo <= mean <= hi and lo >= 0
 
 
+def test_emoe_length_buckets_keep_every_example_once_and_cut_padding():
+    from transferlab.emoe.experiments import epoch_batches
+
+    lengths = torch.randint(5, 33, (640,), generator=torch.Generator().manual_seed(0)).tolist()
+    b = epoch_batches(lengths, 32, 3, 8)
+    assert sorted(torch.cat(b).tolist()) == list(range(640))
+    assert [t.tolist() for t in b] == [t.tolist() for t in epoch_batches(lengths, 32, 3, 8)]  # deterministic
+    pad = sum(max(lengths[i] for i in t.tolist()) for t in b)
+    plain = sum(max(lengths[i] for i in t.tolist()) for t in epoch_batches(lengths, 32, 3, 0))
+    assert pad < 0.8 * plain
+
+
 def test_emoe_official_arm_carries_the_published_recipe():
     cfg = EMoEWordnetConfig()
     o = emoe_settings(cfg, "emoe-official")
     assert (o.gate_noise, o.capacity_factor, o.aux_loss_weight, o.expert_dropout, o.expert_dropout_position) == (
         1.0, 1.5, 0.01, 0.1, "pre")
     cpu = get_experiment("emoe-wordnet").make_config("cpu")
-    assert set(cpu.arms) == {"dense", "emoe", "emoe-official"} and cpu.epochs == 5 and cpu.seeds >= 8
+    assert set(cpu.arms) == {"dense", "emoe", "emoe-official"} and cpu.seeds >= 8
+    assert get_experiment("emoe-wordnet").make_config("cpu-curves").epochs == 5
     assert cpu.n_test >= 3000 and cpu.weight_decay == 0.0 and cpu.warmup == 0.0 and len(cpu.lrs) >= 2
 
 
@@ -64,7 +77,8 @@ def test_emoe_wordnet_tiny_run(tmp_path):
     from transferlab.core.runner import run_experiment
 
     over = {"arms": ("dense", "emoe", "emoe-official", "emoe-reverted", "lora-emoe"), "n_train": 64, "n_val": 20,
-            "n_test": 30, "lrs": (1e-4, 3e-4), "lora_lrs": (1e-3,), "max_len": 16, "batch_size": 16, "epochs": 2}
+            "n_test": 30, "lrs": (1e-4, 3e-4), "lora_lrs": (1e-3,), "max_len": 16, "batch_size": 16, "epochs": 2,
+            "bucket": 2, "curve_seeds": 0}  # test splits evaluated at the best epoch only
     out = run_experiment("emoe-wordnet", "quick", seeds=1, overrides=over, out=tmp_path)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by = {r["arm"]: r["metrics"] for r in rows}
@@ -76,6 +90,8 @@ def test_emoe_wordnet_tiny_run(tmp_path):
     assert by["lora-emoe"]["lr"] == 1e-3
     assert (out / "table.md").exists() and "seed mean" in (out / "notes.md").read_text()
     assert (out / "emoe_wordnet_curves.png").exists() and (out / "emoe_wordnet_usage.png").exists()
+    dense = json.loads((out / "details" / rows[0]["config_hash"] / "dense-seed0.json").read_text())[format(1e-4, "g")]
+    assert "ood_acc" in dense["history"][dense["best_epoch"] - 1]  # the test splits at the best epoch
     h = rows[0]["config_hash"]
     det = json.loads((out / "details" / h / "emoe-official-seed0.json").read_text())
     one = det[format(1e-4, "g")]

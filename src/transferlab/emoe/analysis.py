@@ -153,8 +153,8 @@ def _plot_curves(out_dir: Path, config_hash: str, arms, lrs: dict, seed: int = 0
                                            ("id_acc", "ID test (recorded, not used)"),
                                            ("ood_acc", "OOD test (recorded, not used)"))):
         for arm, hist in curves.items():
-            ax.plot(range(1, len(hist) + 1), [h[metric] for h in hist], marker="o",
-                    label=f"{arm} (lr {format(lrs[arm], 'g')})")
+            pts = [(e + 1, h[metric]) for e, h in enumerate(hist) if metric in h]  # test: curve seeds only
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{arm} (lr {format(lrs[arm], 'g')})")
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy %")
         ax.set_title(title)

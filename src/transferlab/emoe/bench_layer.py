@@ -1,4 +1,4 @@
-"""Benchmark `emoe-layer`: is the sparse EMoE FFN faster than the dense FFN it came from? (issue 4)
+"""Benchmark `emoe-layer`: is the sparse EMoE FFN faster than the dense FFN it came from?
 
 Per configuration (d, d_ff, T, N, k) we time forward-only and forward+backward of
 - the sparse path ("auto", plus every other sparse path on CUDA),
@@ -9,7 +9,7 @@ each expert's key rows) and top-k. Ratios are dense time / EMoE time ("speedup")
 The Llama-sized CUDA configs (d_ff 11008 / 14336) use a GLU FFN with SiLU, the others GELU with a bias.
 End-to-end lines (when transformers is installed) time a training step with EMoE FFNs against the same model
 dense: a MiniLM-sized BERT with random weights, the real all-MiniLM-L6-v2 through `emoe.convert`, and on CUDA
-issue 4's Llama-architecture model (hidden 2048, d_ff 5632, 16 layers), reporting tokens/s.
+a Llama-architecture model (hidden 2048, d_ff 5632, 16 layers), reporting tokens/s.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ EXPERTS = [(16, 4), (64, 16), (32, 8)]
 
 
 def _targets(device: str, d: int, d_ff: int, N: int, k: int) -> tuple[float | None, float | None]:
-    """(forward target, forward+backward target) from issue 4, only where the issue sets one (k/N = 1/4)."""
+    """(forward target, forward+backward target), set only for k/N = 1/4 (docs/emoe_performance.md)."""
     if 4 * k != N:
         return None, None
     if device == "cpu":
@@ -250,7 +250,7 @@ def _emoe_glu_forward(mlp, N: int, k: int, impl: str):
 
 def _llama_rows(device: str, quick: bool, hidden: int = 2048, d_ff: int = 5632, n_layers: int = 16,
                 batch: tuple[int, int] = (4, 2048)) -> list[Comparison]:
-    """Issue 4's end-to-end GPU line: a random Llama-architecture model (hidden 2048, d_ff 5632, 16 layers),
+    """The end-to-end GPU line: a random Llama-architecture model (hidden 2048, d_ff 5632, 16 layers),
     EMoE (N=64, k=16) on every second layer of the last half, training-step tokens/s vs the same model dense."""
     try:
         from transformers import LlamaConfig, LlamaForCausalLM

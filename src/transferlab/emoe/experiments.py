@@ -71,6 +71,10 @@ class EMoEWordnetConfig:
     split_seed: int = field(0, "seed of the synset split (fixed across training seeds)")
     max_len: int = field(40, "max tokens per input (the 95th percentile of glosses is ~31)")
     batch_size: int = field(32, "training batch size")
+    bucket: int = field(0, "0 = plain shuffled batches; B > 0 = batches of similar length drawn from pools of "
+                        "B batches (same order in every arm; less padding, same examples per epoch)")
+    curve_seeds: int = field(1, "seeds < curve_seeds evaluate ID/OOD test after every epoch (learning curves); "
+                             "the others only at their best epoch on validation")
     epochs: int = field(2, "training epochs (validation, ID and OOD test after every epoch; best epoch on validation)")
     lrs: tuple[float, ...] = field((5e-5, 1e-4, 2e-4), "AdamW lrs tried for full fine-tuning (best on validation)")
     lora_lrs: tuple[float, ...] = field((5e-4, 1e-3, 2e-3), "lrs tried for the LoRA arms (best on validation)")
@@ -231,6 +235,24 @@ def _eval_all(model, cfg, data, device, engine, record_usage: bool = False) -> d
     return out
 
 
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, bucket: int) -> list[torch.Tensor]:
+    """One epoch's batches: a pure function of (lengths, seed), so every arm and a resumed run see the same.
+
+    bucket > 0: the shuffled order is cut into pools of `bucket` batches, each pool sorted by length and
+    cut into batches, and the batches are shuffled again: padding falls to about the mean length.
+    """
+    plain = batches(len(lengths), batch_size, seed=seed)
+    if bucket <= 0:
+        return plain
+    order = torch.cat(plain)
+    lens = torch.tensor(lengths)
+    out = []
+    for pool in order.split(batch_size * bucket):
+        out += list(pool[torch.sort(lens[pool], stable=True).indices].split(batch_size))
+    g = torch.Generator().manual_seed(seed + 7_777_777)
+    return [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
+
+
 def _best_epoch(history: list[dict]) -> int:
     """Index of the epoch with the best validation accuracy (the earlier one on ties)."""
     return max(range(len(history)), key=lambda e: (history[e]["val_acc"], -e))
@@ -238,12 +260,13 @@ def _best_epoch(history: list[dict]) -> int:
 
 def train_one(cfg: EMoEWordnetConfig, arm: str, seed: int, lr: float, data, engine, desc: str,
               runs: dict | None = None, resume: dict | None = None, on_epoch=None,
-              extra: dict | None = None) -> tuple[nn.Module, list]:
+              extra: dict | None = None, extra_state: dict | None = None) -> tuple[nn.Module, list]:
     """Fine-tune one (arm, seed, lr); checkpoints after every epoch (with `runs`, the finished lrs).
 
     on_epoch(model) -> dict is called after every epoch (the per-epoch evaluation); the list of its
     results is returned with the model and is part of the checkpoint, so a resumed run keeps its curve;
-    `extra` (a dict the caller updates from on_epoch) is checkpointed with it.
+    `extra` and `extra_state` (dicts the caller updates from on_epoch, e.g. the best epoch's metrics and
+    weights) are checkpointed with it and restored in place on resume.
     """
     device = engine.device
     model = build_model(cfg, arm, seed).to(device)
@@ -251,6 +274,7 @@ def train_one(cfg: EMoEWordnetConfig, arm: str, seed: int, lr: float, data, engi
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     ids = _tokenize(data.train.texts, cfg.max_len, cfg.model_path)
     y = data.train.labels
+    lengths = [len(t) for t in ids]
     steps = cfg.epochs * len(batches(len(ids), cfg.batch_size))
     warm = max(1, int(cfg.warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -261,12 +285,14 @@ def train_one(cfg: EMoEWordnetConfig, arm: str, seed: int, lr: float, data, engi
         opt.load_state_dict(resume["opt"])
         sched.load_state_dict(resume["sched"])
         start, history = resume["epoch"], list(resume.get("history", []))
+        if extra_state is not None:
+            extra_state.update(resume.get("extra_state", {}))
         engine.load_checkpoint()  # restore the RNG state again: build_model reseeded it for the head init
     balance = emoe_settings(cfg, arm, seed) is not None and emoe_settings(cfg, arm, seed).aux_loss_weight > 0
     model.train()
     for epoch in range(start, cfg.epochs):
         # data order is a pure function of (seed, epoch): identical across arms and on resume
-        for b in engine.progress(batches(len(ids), cfg.batch_size, seed=seed * 1000 + epoch), desc=desc):
+        for b in engine.progress(epoch_batches(lengths, cfg.batch_size, seed * 1000 + epoch, cfg.bucket), desc=desc):
             x, m = _collate([ids[i] for i in b.tolist()], device)
             with engine.autocast():
                 loss = F.cross_entropy(model(x, m), y[b].to(device))
@@ -281,7 +307,8 @@ def train_one(cfg: EMoEWordnetConfig, arm: str, seed: int, lr: float, data, engi
         if epoch + 1 < cfg.epochs:  # the last epoch is covered by the per-lr checkpoint
             engine.save_checkpoint({"runs": runs or {}, "current": {
                 "lr": lr, "epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "history": history, "extra": dict(extra or {})}})
+                "sched": sched.state_dict(), "history": history, "extra": dict(extra or {}),
+                "extra_state": dict(extra_state or {})}})
     return model, history
 
 
@@ -308,7 +335,10 @@ def _arm_runs(cfg, arm: str, seed: int, engine) -> dict:
         t0 = time.perf_counter()
         best: dict = {}
 
-        def on_epoch(model, best=best):
+        curves = seed < cfg.curve_seeds
+        best_state: dict = {}
+
+        def evaluate_all(model):
             res = _eval_all(model, cfg, data, engine.device, engine, record_usage=converted)
             if train_arm == "emoe" and "emoe-reverted" in cfg.arms:
                 # the same trained weights served dense (EMoE2Dense): revert, evaluate, re-convert
@@ -318,22 +348,45 @@ def _arm_runs(cfg, arm: str, seed: int, engine) -> dict:
                 res.update({f"reverted_{k}": v for k, v in dense.items() if not k.startswith("_")})
                 res["_reverted_pred"] = dense["_pred"]
                 convert(model.encoder, emoe_settings(cfg, "emoe", seed), permutations=perms)
+            return res
+
+        def on_epoch(model, best=best, best_state=best_state, curves=curves):
+            if curves:
+                res = evaluate_all(model)
+            else:  # validation only; the test splits are evaluated once, at the best epoch
+                res = evaluate(model, cfg, data.val, engine.device, "val", engine)[0]
             if not best or res["val_acc"] > best["val_acc"]:  # keep the heavy parts of the best epoch only
                 best.clear()
                 best.update(res)
+                if not curves:
+                    best_state.clear()
+                    best_state.update({k: v.detach().clone() for k, v in model.state_dict().items()})
             return {k: v for k, v in res.items() if not k.startswith("_")}
 
         resume = ckpt.get("current")
         if resume is not None and resume.get("lr") == lr:
             best.update(resume.get("extra", {}))
-        _, history = train_one(cfg, train_arm, seed, lr, data, engine, desc=f"{arm} seed {seed} lr {lr:g}",
-                               runs=runs, resume=resume, on_epoch=on_epoch, extra=best)
+        model, history = train_one(cfg, train_arm, seed, lr, data, engine, desc=f"{arm} seed {seed} lr {lr:g}",
+                                   runs=runs, resume=resume, on_epoch=on_epoch, extra=best, extra_state=best_state)
         e = _best_epoch(history)
+        if not curves:
+            if best_state:
+                model.load_state_dict(best_state)
+            best.clear()
+            best.update(evaluate_all(model))
+            history[e] = {**history[e], **{k: v for k, v in best.items() if not k.startswith("_")}}
         runs[lr] = {"history": history, "best_epoch": e + 1, "best": best, "train_s": time.perf_counter() - t0}
         engine.save_checkpoint({"runs": runs})
     if train_arm == "emoe" and shared is not None and engine.is_main:
         atomic_write_json(shared, {str(k): v for k, v in runs.items()})
     return runs
+
+
+# the cpu protocol: ~3k definitions, 3,000 ID test definitions, official optimiser settings (weight decay 0,
+# no warm-up, linear decay), length-bucketed batches (about 19 instead of 32 padded tokens per row)
+_CPU = {"arms": ("dense", "emoe", "emoe-official"), "seeds": 8, "n_train": 3000, "n_val": 1000, "n_test": 3000,
+        "epochs": 3, "lrs": (5e-5, 1e-4), "max_len": 32, "warmup": 0.0, "weight_decay": 0.0, "bucket": 8,
+        "curve_seeds": 1}
 
 
 @register_experiment(
@@ -343,17 +396,15 @@ def _arm_runs(cfg, arm: str, seed: int, engine) -> dict:
     profiles={
         "quick": {"arms": ("dense", "emoe"), "seeds": 1, "n_train": 3000, "n_val": 500, "n_test": 1000,
                   "epochs": 1, "lrs": (1e-4,), "max_len": 32},
-        # stage 1 (curves: seed 0 of every arm, per-epoch validation/ID/OOD) and stage 2 (confirmatory:
-        # best epoch on validation, one lr per arm by the seed mean) in one run; sized for <= 2 h on two
-        # cores with --jobs 2 (docs/emoe.md gives the measured time of one (arm, seed))
-        "cpu": {"arms": ("dense", "emoe", "emoe-official"), "seeds": 10, "n_train": 3000, "n_val": 1000,
-                "n_test": 3000, "epochs": 5, "lrs": (5e-5, 1e-4), "max_len": 32, "warmup": 0.0,
-                "weight_decay": 0.0},
+        # stage 1, learning curves: one seed, 5 epochs, validation + ID/OOD test after every epoch
+        # (about 40 min on two cores with --jobs 2; run it with its own --out folder)
+        "cpu-curves": {**_CPU, "seeds": 1, "epochs": 5},
+        # stage 2, confirmatory: 8 paired seeds, best epoch on validation, one lr per arm by the seed mean;
+        # seed 0 also records its curves. About 2 h on two cores with --jobs 2 (docs/emoe.md)
+        "cpu": _CPU,
         # the controls that say whether an emoe-official gain is routing or regularisation, at the same
         # size; dense, emoe and emoe-official rows of a finished cpu run are reused (same config hash)
-        "cpu-controls": {"arms": ("dense", "emoe", "emoe-official", "dropout-dense", "random-split"), "seeds": 10,
-                         "n_train": 3000, "n_val": 1000, "n_test": 3000, "epochs": 5, "lrs": (5e-5, 1e-4),
-                         "max_len": 32, "warmup": 0.0, "weight_decay": 0.0},
+        "cpu-controls": {**_CPU, "arms": _CPU["arms"] + ("dropout-dense", "random-split")},
         # sized for <= ~10 min on one H100 with --mixed-precision bf16 (estimate, not measured):
         # 9 trainings per seed (emoe-reverted reuses emoe) x 5 seeds x 2 lrs x 625 steps
         "full": {"seeds": 5, "n_train": 20000, "epochs": 2, "batch_size": 64, "lrs": (1e-4, 2e-4),

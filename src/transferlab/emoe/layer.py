@@ -172,7 +172,7 @@ def load_importance_loss(logits: torch.Tensor, noisy: torch.Tensor, idx: torch.T
     Phi((p_clean - threshold) / (noise/N)) that an expert stays selected, threshold = the k-th selected
     noisy logit (Tutel compares the softmax *probabilities* against that noisy *logit*; kept as written).
     Loss = (CV^2(importance) + CV^2(load)) / 2. With the avg-k gate frozen, its gradient flows only into
-    the layer's input hidden states (the earlier layers); with the learned router also into the router.
+    the layer's input hidden states (the layers below); with the learned router also into the router.
     """
     probs = torch.softmax(logits.float(), dim=1)
     threshold = noisy.float().gather(1, idx[:, -1:])

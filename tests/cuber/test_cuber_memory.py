@@ -224,3 +224,24 @@ def test_cached_projection_is_orthogonal_and_checks_shapes():
     strat.feed_projected(xp[:5])
     with pytest.raises(ValueError, match="cached projected input"):
         model(x[:10])
+
+
+def test_wide_batches_fall_back_to_weight_gradient_projection_and_stay_projected():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 6, bias=False), nn.ReLU(), nn.Linear(6, 3, bias=False))
+    strat = GPM(model, GPMConfig(thresholds=(0.9,)))
+    x = torch.randn(60, 4) @ torch.randn(4, 12)
+    strat.before_task(0, [(x, None)])
+    strat.after_task(0, [(x, None)])
+    strat.before_task(1, [(x, None)])
+    patch = strat.patches["0"]
+    strat.after_backward(model)  # resets the flags the set-up forwards left
+    model(x[:4]).sum().backward()  # 4 rows <= 6 outputs: projected inside backward
+    assert not patch.unprojected
+    model.zero_grad()
+    (model(x[:4]).sum() + model(x).sum()).backward()  # one wide forward in the same step: plain path
+    assert patch.unprojected
+    strat.after_backward(model)
+    for n in ("0", "2"):
+        g, M = strat.memory.modules[n].weight.grad, strat.memory.bases[n]
+        assert (g @ M).norm() <= 1e-5 * g.norm()

@@ -32,7 +32,8 @@ class GPMConfig:
                                   "BN it changes them; GPM's code: one batch of 125); None = the loader's batches")
     solver: str = field("eigh", "basis solver: eigh (Gram + symmetric eigh), svd (GPM's exact path), lowrank")
     input_projection: bool = field(True, "bias-free Linear: project the layer input in backward instead of "
-                                   "the weight gradient (identical gradient, cheaper) [reconstructed speed-up]")
+                                   "the weight gradient (identical gradient), for batches with no more rows than the "
+                                   "layer has outputs, where it is cheaper [reconstructed speed-up]")
     input_cache: bool = field(False, "[reconstructed speed-up] project the first protected layer's training inputs "
                               "once per task (`project_inputs`) instead of every step; needs the task's whole "
                               "training set in memory and a bias-free first Linear that sees the raw input")

@@ -348,6 +348,7 @@ class RotatedConfig(StreamConfig):
 
 @register_experiment(
     "cuber-rotated-fmnist", config=RotatedConfig, reference="gpm", metrics=METRICS, method="cuber",
+    cpu_minutes={"quick": 1.5, "cpu": 57, "cpu-long": 40},
     description="10 rotated Fashion-MNIST tasks (0..72 deg, 1000 images each), MLP without bias: "
                 "can CUBER turn GPM's no-forgetting into positive backward transfer?",
     # quick: 5 tasks spanning 0-64 degrees, one epoch at lr 0.05 (demo, not the protocol)
@@ -382,6 +383,7 @@ class ChunksConfig(StreamConfig):
 
 @register_experiment(
     "cuber-chunks-fmnist", config=ChunksConfig, reference="gpm", metrics=METRICS, method="cuber",
+    cpu_minutes={"quick": 0.2, "cpu": 29},
     description="one 10-class Fashion-MNIST problem in 5 disjoint 500-image chunks, one head, fixed budget: "
                 "every pair positively correlated, so a working CUBER moves BWT from GPM's towards finetune's",
     profiles={"quick": {"seeds": 2, "val_seeds": 1, "n_train": 200, "n_test": 500, "epochs": 1,
@@ -419,6 +421,7 @@ class PairsConfig(SplitConfig):
 
 @register_experiment(
     "cuber-pairs-fmnist", config=PairsConfig, reference="gpm", metrics=METRICS, method="cuber",
+    cpu_minutes={"quick": 0.3, "cpu": 73},
     description="6 binary Fashion-MNIST tasks sharing a class (T-shirt/shirt, shirt/pullover, ...), 320 training "
                 "images each, multi-head CNN, validation early stopping with best-model restore",
     profiles={"quick": {"seeds": 2, "val_seeds": 1, "n_tasks": 3, "n_train": 60, "n_test": 100, "epochs": 4,

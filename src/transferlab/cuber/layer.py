@@ -79,7 +79,9 @@ class LayerPatch:
         self.factor: tuple[str, torch.Tensor] | None = None
         self.scales: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cached: torch.Tensor | None = None
-        self.cache_used = False
+        # True once a forward since the last `after_backward` left the weight gradient unprojected
+        # (plain path); projecting twice is harmless, skipping a needed projection is not.
+        self.unprojected = True
         module.forward = self.forward  # instance attribute shadows the class's forward
 
     def detach(self) -> None:
@@ -94,15 +96,17 @@ class LayerPatch:
                 if xp.shape != x.shape:
                     raise ValueError(f"cached projected input has shape {tuple(xp.shape)} but the layer got "
                                      f"{tuple(x.shape)}; pass the projected rows of exactly this batch")
-                self.cache_used = True
                 return _CachedInputLinear.apply(x, mod.weight, xp)
             x0 = x  # a sum over selected bases, each applied to the original input
             for U, Q in self.scales:
                 Qm = Q - torch.eye(Q.shape[0], dtype=Q.dtype, device=Q.device)
                 x = x + ((x0 @ U) @ Qm.T) @ U.T
-            if self.factor is not None and mod.bias is None:
+            # input-side projection costs rows*m*k, the weight-gradient one out*m*k: use the cheaper
+            if self.factor is not None and mod.bias is None and x.numel() // x.shape[-1] <= mod.out_features:
                 return projected_linear(x, mod.weight, self.factor)
+            self.unprojected = True
             return F.linear(x, mod.weight, mod.bias)
+        self.unprojected = True
         w = mod.weight
         if self.scales:
             w0 = w.reshape(w.shape[0], -1)

@@ -219,12 +219,13 @@ class GPM(Strategy):
         self.patches[self.first_layer].cached = xp
 
     def after_backward(self, model=None) -> None:
-        skip = set(self.fast)
-        first = self.patches[self.first_layer]
-        if first.cache_used:  # its weight gradient came from projected inputs already
-            skip.add(self.first_layer)
-            first.cache_used = False
-        self.memory.project_([n for n in self.memory.names if n not in skip])
+        todo = []
+        for n in self.memory.names:  # layers whose every forward projected inside backward are done
+            p = self.patches[n]
+            if p.unprojected:
+                todo.append(n)
+            p.unprojected = False
+        self.memory.project_(todo)
         if self.task_id > 0 and self.cfg.freeze_bn_after_first:
             for p in self.shared_1d:
                 if p.grad is not None:

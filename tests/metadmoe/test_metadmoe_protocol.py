@@ -206,3 +206,13 @@ def test_early_stopping_keeps_the_best_validation_epoch():
     fixed = make(student_epochs=2)
     fixed.pretrain_student(train, val=val)
     assert fixed.fit_log["student"]["epochs"] == 2 == fixed.fit_log["student"]["best_epoch"]
+
+
+def test_a_state_dict_without_the_trained_flag_still_loads():
+    m = make()
+    sd = {k: v for k, v in m.state_dict().items() if k != "student_ready"}
+    fresh = make()
+    fresh.load_state_dict(sd)  # strict: no missing-key error
+    assert not bool(fresh.student_ready)
+    with pytest.raises(UserError, match="student_pretrained=True"):
+        fresh.train_experts(_domains())

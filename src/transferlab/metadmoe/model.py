@@ -147,6 +147,7 @@ class MetaDMoE(nn.Module):
         super().__init__()
         # persistent, so a model restored from a state dict remembers that its student was trained
         self.register_buffer("student_ready", torch.tensor(bool(student_pretrained)))
+        self._register_load_state_dict_pre_hook(self._default_student_ready)
         self.config = config or MetaDMoEConfig()
         if len(experts) == 0:
             raise UserError("MetaDMoE needs at least one expert")
@@ -168,6 +169,10 @@ class MetaDMoE(nn.Module):
         self.history: list[dict] = []
         self.curve: list[dict] = []  # meta-training query loss before/after the step, per `log_every` episodes
         self.fit_log: dict[str, dict] = {}  # epochs run / best epoch / validation accuracy of stages 1 and 3
+
+    def _default_student_ready(self, state_dict, prefix, *args):
+        """State dicts saved without the flag load as they are; the flag then keeps its constructor value."""
+        state_dict.setdefault(prefix + "student_ready", self.student_ready.clone())
 
     @property
     def device(self) -> torch.device:

@@ -242,3 +242,16 @@ def test_from_pretrained_refuses_other_methods_and_incomplete_folders(tmp_path):
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(UserError, match="incomplete"):
         from_pretrained(tmp_path / "m", _dit())
+
+
+def test_zero_start_tailors_begin_at_the_learngene_only_layers_and_still_train():
+    model = convert(_dit(), KindConfig(n_learngene=6, n_tailor=9, k_active=3))
+    kind_transfer(model, 2, tailor_init_scale=0.0)
+    layers = [m for m in model.modules() if isinstance(m, KindLinear)]
+    assert all(torch.equal(m.s_t, torch.zeros_like(m.s_t)) for m in layers)
+    x, t, _ = _inputs()
+    loss = model(x, t, torch.tensor([0, 1, 0, 1])).square().mean()
+    loss.backward()
+    assert any(m.s_t.grad.abs().sum() > 0 for m in layers)  # s moves first, then U and V follow
+    with pytest.raises(UserError, match="tailor_init_scale"):
+        kind_transfer(model, 2, tailor_init_scale=-1.0)

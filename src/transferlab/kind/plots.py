@@ -67,8 +67,12 @@ def plot_kind(rows: list[dict], cfg: dict, out_dir) -> list[Path]:
             grids[a] = torch.load(f, weights_only=True)
     paths = []
     if grids:
-        fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 2.0), squeeze=False)
-        for ax, (a, g) in zip(axes[0], grids.items()):
+        cols = min(len(grids), 7)
+        nrows = -(-len(grids) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols, 2.1 * nrows), squeeze=False)
+        for ax in axes.flat[len(grids):]:
+            ax.axis("off")
+        for ax, (a, g) in zip(axes.flat, grids.items()):
             c, n = g.shape[:2]
             img = g.permute(0, 2, 1, 3).reshape(c * 28, n * 28)
             ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=255)
@@ -82,7 +86,8 @@ def plot_kind(rows: list[dict], cfg: dict, out_dir) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     lines = ["", "**Samples and caveats.**", "",
-             f"![generated samples, one row per held-out class, seed 0]({'samples.png'})", "",
+             f"![generated samples at guidance {cfg.get('cfg_scales', [1])[0]:g}, one row per held-out class, seed 0]"
+             "(samples.png)", "",
              "FMNIST-FID is a Fréchet distance in the features of a Fashion-MNIST classifier trained in this "
              "experiment (its test accuracy on the held-out classes is `judge_acc`); it is **not** FID and not "
              "comparable with published FID numbers. `fid_floor` is the same distance between two sets of real "

@@ -421,7 +421,7 @@ class PairsConfig(SplitConfig):
 
 @register_experiment(
     "cuber-pairs-fmnist", config=PairsConfig, reference="gpm", metrics=METRICS, method="cuber",
-    cpu_minutes={"quick": 0.3, "cpu": 73},
+    cpu_minutes={"quick": 0.3, "cpu": 78},
     description="6 binary Fashion-MNIST tasks sharing a class (T-shirt/shirt, shirt/pullover, ...), 320 training "
                 "images each, multi-head CNN, validation early stopping with best-model restore",
     profiles={"quick": {"seeds": 2, "val_seeds": 1, "n_tasks": 3, "n_train": 60, "n_test": 100, "epochs": 4,

@@ -255,3 +255,24 @@ def test_zero_start_tailors_begin_at_the_learngene_only_layers_and_still_train()
     assert any(m.s_t.grad.abs().sum() > 0 for m in layers)  # s moves first, then U and V follow
     with pytest.raises(UserError, match="tailor_init_scale"):
         kind_transfer(model, 2, tailor_init_scale=-1.0)
+
+
+def test_diffusers_dit_round_trips_through_save_pretrained_after_transfer(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+
+    def base():
+        torch.manual_seed(0)
+        return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+
+    model = convert(base(), KindConfig(n_learngene=4, n_tailor=8))
+    kind_transfer(model, 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_pretrained(model, tmp_path / "d")
+    loaded = from_pretrained(tmp_path / "d", base())
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 20]), torch.tensor([0, 2, 3])
+    model.eval(), loaded.eval()
+    want = model(x, timestep=t, class_labels=y).sample
+    torch.testing.assert_close(loaded(x, timestep=t, class_labels=y).sample, want, atol=0, rtol=0)

@@ -277,6 +277,8 @@ def _evaluate(trainer, pool, scenes) -> tuple[dict, torch.Tensor]:
         "full": {"seeds": 10, "student_steps": 1000},
     },
     method="cprd", headline=("RSUM", "family_acc"),
+    # CPU minutes on one thread, measured per (arm, grid setting) and teacher: ~20 per seed
+    cpu_minutes={"quick": 5, "cpu": 100, "full": 400},
     plot=plot_score_distributions,
 )
 def cprd_fmnist_scenes(cfg: ScenesConfig, arm: str, seed: int, engine) -> dict:

@@ -271,6 +271,8 @@ def teacher_advantage(scorer, em, q_idx, g_idx, q_to_g, candidates: int = 10) ->
         "full": {"seeds": 10},
     },
     plot=plot_score_distributions, method="cprd", headline=("RSUM", "t2i_R@1", "teacher_adv"),
+    # CPU minutes on one thread: ~5 of encoding once, ~6 per seed for the 49 grid settings
+    cpu_minutes={"quick": 3, "cpu": 35, "full": 70},
 )
 def cprd_wordnet(cfg: WordnetConfig, arm: str, seed: int, engine) -> dict:
     seed = cfg.seed_offset + seed  # the pre-declared block

@@ -389,7 +389,10 @@ _SMALL = {"patch": 7, "width": 64, "depth": 4, "heads": 4, "batch_size": 64, "n_
 # quick: the CPU demo; checks the pipeline end to end, samples are not expected to be meaningful
 _QUICK = {**_SMALL, "seeds": 2, "source_per_class": 1000, "pretrain_steps": 150, "transfer_steps": 80,
           "lrs": (1e-3,), "ddim_steps": 20, "samples_per_class": 80, "val_per_class": 50, "test_per_class": 200,
-          "judge_per_class": 300, "judge_epochs": 1, "checkpoint_every": 50}
+          "judge_per_class": 300, "judge_epochs": 1, "checkpoint_every": 50,
+          # every code path once (both shares, gated LoRA, SVD start), not every arm at both shares
+          "arms": ("kind", "kind_nogate", "kind_svd", "full_finetune", "lora", "gated_lora", "svdiff", "scratch",
+                   "kind_paper", "gated_lora_paper")}
 # medium: a CPU run of about 15 CPU-minutes per seed; one preset LR (not tuned)
 _MEDIUM = {**_SMALL, "seeds": 2, "pretrain_steps": 500, "transfer_steps": 200, "lrs": (1e-3,), "ddim_steps": 20,
            "samples_per_class": 100, "test_per_class": 500, "judge_per_class": 1000, "judge_epochs": 1,
@@ -422,7 +425,8 @@ register_experiment(
     metrics=METRICS,
     description="KIND on Fashion-MNIST 6 -> 4 classes with every training image of the target classes",
     # the demo runs this regime with one seed only (the few-shot experiment has two), to fit its time budget
-    profiles={"quick": {**_QUICK, "seeds": 1, "target_per_class": 1000},
+    profiles={"quick": {**_QUICK, "seeds": 1, "target_per_class": 1000,
+                        "arms": tuple(a for a in _QUICK["arms"] if not a.endswith("_paper"))},
               "medium": {**_MEDIUM, "target_per_class": 5800},
               "cpu": {**_CPU, "target_per_class": 5800, "arms": _TODAY_SHARE},
               "full": {**_FULL, "target_per_class": 5800}},

@@ -357,8 +357,8 @@ CPU = {"seeds": 5, "held_out": (0, 3, 5), "n_train": 1500, "n_val": 256, "n_vald
        "student_epochs": 12, "expert_epochs": 12, "patience": 2, "aggregator_epochs": 3, "meta_epochs": 3,
        "episodes_per_epoch": 150, "inner_lrs": (3e-4, 1e-3, 3e-3), "tent_lrs": (1e-4, 1e-3, 1e-2)}
 FULL = {"seeds": 5}
-# measured process CPU time, one thread (docs/metadmoe.md): quick 71 s; cpu ~650 s per (seed, fold) over all arms
-CPU_MINUTES = {"quick": 1.2, "cpu": 160}
+# measured process CPU time, one thread (docs/metadmoe.md): quick 71 s; cpu ~670 s per (seed, fold) over all arms
+CPU_MINUTES = {"quick": 1.2, "cpu": 170}
 PROFILES = {"quick": QUICK, "cpu": CPU, "full": FULL}
 
 

@@ -59,8 +59,8 @@ class ScenesConfig:
                                   ARM_HELP + ". cprd_easy is left out by default: the in-batch pool (32) is too "
                                              "small for top-K to be selective; cprd-wordnet tests it")
     seeds: int = field(5, "number of seeds, taken from the pre-declared block starting at seed_offset")
-    seed_offset: int = field(100, "first seed of the block (seeds 0-7 served to size and debug the experiment, "
-                                  "so the reported comparison uses a block none of them touched)")
+    seed_offset: int = field(100, "first seed of the reported block (pre-declared: no setting of the experiment "
+                                  "was chosen on these seeds)")
     item_epochs: int = field(3, "epochs of item-classifier pre-training (single items of the training pool)")
     item_images: int = field(20000, "training-pool images used for item pre-training")
     train_families: int = field(1200, "training families (base scene + hard variants)")

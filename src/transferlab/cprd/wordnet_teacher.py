@@ -10,7 +10,7 @@ of the cosine of the two MiniLM sentence embeddings. At step 0 the teacher there
 exactly like zero-shot MiniLM, and the checkpoint kept is the best on validation re-ranking
 (step 0 included), so fine-tuning can only be kept where it helps on held-out synsets.
 
-Reconstructed for CPU (the issue asks for a fine-tuned MiniLM cross-encoder; the split point J is
+Reconstructed for CPU (a fine-tuned MiniLM cross-encoder within a CPU budget; the split point J is
 the `teacher_joint_layers` option): with J < 6 the bottom layers see one text at a time, like a
 fusion encoder (ALBEF); each segment keeps its own positions, and a learned segment vector (zero at
 start) marks the gloss tokens.

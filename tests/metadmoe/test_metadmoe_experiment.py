@@ -71,6 +71,8 @@ def test_quick_experiment_runs_end_to_end_and_resumes(tmp_path):
         assert 0 <= r["metrics"]["acc_avg"] <= 100 and r["metrics"]["acc_avg"] == r["metrics"]["acc_d5"]
     by_arm = {r["arm"]: r["metrics"] for r in rows}
     assert by_arm["tent"]["lr_d5"] in (1e-3, 1e-2) and "val_acc_d5_lr0.01" in by_arm["metadmoe"]
+    choice = {r["arm"]: r.get("choices", {}) for r in rows}["metadmoe"]["inner_lr_d5"]
+    assert choice["candidates"] == [1e-3, 1e-2] and choice["chosen"] == by_arm["metadmoe"]["lr_d5"]
     assert "acc_noadapt_d5" in by_arm["metadmoe"] and "acc_noadapt_d5" not in by_arm["adapt_no_meta"]
     erm = by_arm["erm"]
     mat = erm["expert_matrix_d5"]

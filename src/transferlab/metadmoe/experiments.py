@@ -223,10 +223,16 @@ def _oracle_expert(cfg, seed, fold, domains, base) -> torch.nn.Module:
     return oracle.experts[0].eval()
 
 
-def _choose(cfg, scorer, candidates, sel_sets) -> tuple:
-    """Best candidate by mean accuracy over the selection sets; ties go to the first listed."""
+def _choose(ctx, name, scorer, candidates, sel_sets) -> tuple:
+    """Best candidate by mean accuracy over the selection sets; ties go to the first listed.
+
+    The choice is recorded in the run's results line ("choices") when the runner's context can.
+    """
     scored = {c: sum(scorer(c, d, x, y) for d, (x, y) in sel_sets) / len(sel_sets) for c in candidates}
-    return max(scored, key=lambda c: scored[c]), scored
+    best = max(scored, key=lambda c: scored[c])
+    if hasattr(ctx, "record_choice"):
+        ctx.record_choice(name, list(scored), list(scored.values()), best)
+    return best, scored
 
 
 def _base_diagnostics(cfg, fold, m: MetaDMoE, domains, src, fit_log) -> dict:
@@ -269,7 +275,8 @@ def run_fold(cfg, arm: str, seed: int, fold: int, domains, valdoms, engine) -> d
         elif arm == "bn_adapt":
             acc = bn_adapt_accuracy(student, xt, yt, bs)
         else:
-            lr, scored = _choose(cfg, lambda c, d, x, y: tent_accuracy(student, x, y, bs, c, cfg.tent_mode),
+            lr, scored = _choose(engine, f"tent_lr_d{fold}",
+                                 lambda c, d, x, y: tent_accuracy(student, x, y, bs, c, cfg.tent_mode),
                                  cfg.tent_lrs, sel)
             acc = tent_accuracy(student, xt, yt, bs, lr, cfg.tent_mode)
             out.update({f"lr_d{fold}": lr, f"val_acc_d{fold}": 100 * scored[lr],
@@ -298,7 +305,7 @@ def run_fold(cfg, arm: str, seed: int, fold: int, domains, valdoms, engine) -> d
         best = max(sel_test, key=lambda a: sel_test[a][0])
         acc, mse = sel_test[best]
     else:
-        best, scored = _choose(cfg, score, cfg.inner_lrs, sel)
+        best, scored = _choose(engine, f"inner_lr_d{fold}", score, cfg.inner_lrs, sel)
         acc, mse = metadmoe_accuracy(models[best], xt, yt, bs, cfg.protocol)
         out.update({f"val_acc_d{fold}": 100 * scored[best],
                     **{f"val_acc_d{fold}_lr{k:g}": 100 * v for k, v in scored.items()}})

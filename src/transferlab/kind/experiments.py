@@ -382,8 +382,10 @@ def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
     return metrics
 
 
-# full: sized (by estimate, not measured) for one H100 in about 10 minutes for all arms and seeds
-_FULL = {"seeds": 3, "pretrain_steps": 4000, "transfer_steps": 1000, "lrs": (3e-4, 1e-3)}
+# full: the GPU profile (width 128, depth 6; 5 pre-trainings x 4000 steps and 13 arms per seed); its run
+# time is not measured
+_FULL = {"seeds": 3, "pretrain_steps": 4000, "transfer_steps": 1000, "lrs": (1e-3, 3e-3, 1e-2),
+         "tailor_init_scales": (1.0, 0.0)}
 _SMALL = {"patch": 7, "width": 64, "depth": 4, "heads": 4, "batch_size": 64, "n_learngene": 32, "n_tailor": 32,
           "paper_n_learngene": 56, "paper_n_tailor": 8}
 # quick: the CPU demo; checks the pipeline end to end, samples are not expected to be meaningful

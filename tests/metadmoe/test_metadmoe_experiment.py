@@ -103,3 +103,19 @@ def test_erm_extra_takes_one_labeled_step_per_meta_episode(monkeypatch):
     s = ex._erm_extra(cfg, 0, 5, [d[0] for d in doms[:5]], base)
     assert len(steps) == 6  # meta_epochs x episodes_per_epoch
     assert any(not torch.equal(p, base["state"]["student." + n]) for n, p in s.state_dict().items())
+
+
+def test_arm_bn_trains_with_batch_statistics_and_erm_extra_in_the_meta_training_mode():
+    from transferlab.metadmoe import experiments as ex
+
+    cfg = ex.MetaDMoEExperimentConfig(n_train=140, n_val=64, n_valdom=64, n_test=128, meta_epochs=1,
+                                      episodes_per_epoch=3)
+    m = ex._new_model(cfg, ex._method_config(cfg, "metadmoe", 1e-3))
+    base = {"state": {k: v.clone() for k, v in m.state_dict().items()}}
+    _, doms = make_domains("rotated", 0, 140, 64, 128)
+    src = [d[0] for d in doms[:5]]
+    stats = "body.1.running_mean"
+    extra = ex._erm_extra(cfg, 0, 5, src, base)  # eval mode, as meta-training: BN statistics frozen
+    assert torch.equal(extra.state_dict()[stats], base["state"]["student." + stats])
+    arm_bn = ex._erm_extra(cfg, 0, 5, src, base, batch_stats=True)  # train mode on single-domain batches
+    assert not torch.equal(arm_bn.state_dict()[stats], base["state"]["student." + stats])

@@ -30,7 +30,7 @@ from .domains import make_domains
 from .model import MetaDMoE
 from .protocol import PROTOCOLS, TENT_MODES, bn_adapt_accuracy, metadmoe_accuracy, static_accuracy, tent_accuracy
 
-ARMS = ("erm", "erm_extra", "bn_adapt", "tent", "metadmoe", "no_mask", "first_order", "avg_experts",
+ARMS = ("erm", "erm_extra", "bn_adapt", "arm_bn", "tent", "metadmoe", "no_mask", "first_order", "avg_experts",
         "adapt_no_meta", "oracle")
 # meta-trained variants: config overrides of MetaDMoEConfig
 VARIANTS = {"metadmoe": {}, "no_mask": {"mask_own_expert": False}, "first_order": {"first_order": True},
@@ -193,18 +193,21 @@ def _meta(cfg, seed, fold, variant, alpha, sources, base, engine) -> MetaDMoE:
     return m
 
 
-def _erm_extra(cfg, seed, fold, sources, base) -> torch.nn.Module:
+def _erm_extra(cfg, seed, fold, sources, base, batch_stats: bool | None = None) -> torch.nn.Module:
     """The ERM student given as many extra labeled Adam steps as meta-training has episodes.
 
     Same sampler (one source domain per step), the query's labeled images, the outer lr and its decay,
-    and the student mode of meta-training: only the distillation step is missing.
+    and the student mode of meta-training: only the distillation step is missing. `batch_stats=True`
+    trains with BN in train mode on these single-domain batches (ARM-BN style: the network learns to
+    classify with one domain's batch statistics, which is what BN-adapt gives it at test time).
     """
     m = _new_model(cfg, _method_config(cfg, "metadmoe", cfg.inner_lrs[0]), base["state"])
     s, mc = m.student, m.config
+    train_bn = mc.train_mode == "train" if batch_stats is None else batch_stats
     opt = torch.optim.Adam(s.parameters(), lr=mc.outer_lr)
     for epoch in range(mc.meta_epochs):
         for _, xq, yq, _ in m.episodes(sources, epoch, seed + 1000 * fold):
-            s.train(mc.train_mode == "train")
+            s.train(train_bn)
             loss = F.cross_entropy(s.head(s.features(xq)), yq)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -266,13 +269,15 @@ def run_fold(cfg, arm: str, seed: int, fold: int, domains, valdoms, engine) -> d
     def plain(variant="metadmoe", alpha=cfg.inner_lrs[0]):
         return _new_model(cfg, _method_config(cfg, variant, alpha), base["state"])
 
-    if arm in ("erm", "erm_extra", "bn_adapt", "tent"):
-        student = (_erm_extra(cfg, seed, fold, sources, base) if arm == "erm_extra" else plain().student.eval())
+    if arm in ("erm", "erm_extra", "bn_adapt", "arm_bn", "tent"):
+        student = (_erm_extra(cfg, seed, fold, sources, base) if arm == "erm_extra" else
+                   _erm_extra(cfg, seed, fold, sources, base, batch_stats=True) if arm == "arm_bn" else
+                   plain().student.eval())
         if arm in ("erm", "erm_extra"):
             acc = static_accuracy(student, xt, yt, bs)
             if arm == "erm":
                 out.update(_base_diagnostics(cfg, fold, plain(), domains, src, base["fit_log"]))
-        elif arm == "bn_adapt":
+        elif arm in ("bn_adapt", "arm_bn"):
             acc = bn_adapt_accuracy(student, xt, yt, bs)
         else:
             lr, scored = _choose(engine, f"tent_lr_d{fold}",

@@ -81,8 +81,9 @@ def _notes(cfg: dict, seeds_done: int) -> str:
         f"- Learning rates (inner lr from {list(cfg['inner_lrs'])}, TENT lr from {list(cfg['tent_lrs'])}) chosen on "
         f"{sel}; chosen values are lr_d<k> in results.jsonl.",
         "- erm_extra = the ERM student plus as many labeled Adam steps (query batches, outer lr) as meta-training "
-        "has episodes. oracle = a bound, not a method: one step of the ERM student towards an expert trained on "
-        "the held-out domain itself, inner lr chosen on the target.",
+        "has episodes; arm_bn = the same steps with BN in train mode on single-domain batches, tested "
+        "with BN-adapt (ARM-BN style). oracle = a bound, not a method: one step of the ERM student towards an "
+        "expert trained on the held-out domain itself, inner lr chosen on the target.",
         "- Diagnostics per fold in results.jsonl: expert_matrix_d<k> (expert x domain accuracy), ensemble_acc "
         "(experts' mean logits), teacher_acc (aggregator feature + aggregator head), teacher_shead_acc (through "
         "the student's head), mse_before/after (student-teacher feature MSE around the step), curve_d<k>.",

@@ -17,10 +17,11 @@ TINY = {"pretrain_steps": 3, "transfer_steps": 3, "source_per_class": 40, "targe
 
 
 def test_kind_fmnist_runs_and_writes_table_grid_and_notes(tmp_path):
-    out = run_experiment("kind-fmnist", "quick", seeds=1, overrides={**TINY, "arms": ("kind", "lora", "svdiff")},
-                         out=tmp_path, engine=Engine("cpu", threads=1))
+    arms = ("kind", "lora", "svdiff", "gated_lora_paper")
+    out = run_experiment("kind-fmnist", "quick", seeds=1, overrides={**TINY, "arms": arms}, out=tmp_path,
+                         engine=Engine("cpu", threads=1))
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert sorted(r["arm"] for r in rows) == ["kind", "lora", "svdiff"]
+    assert sorted(r["arm"] for r in rows) == ["gated_lora_paper", "kind", "lora", "svdiff"]
     for r in rows:
         m = r["metrics"]
         assert 0 <= m["class_acc"] <= 100 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
@@ -31,6 +32,8 @@ def test_kind_fmnist_runs_and_writes_table_grid_and_notes(tmp_path):
     assert abs(by_arm["lora"]["trainable_params"] - by_arm["kind"]["trainable_params"]) < 0.1 * \
         by_arm["kind"]["trainable_params"]
     assert by_arm["svdiff"]["trainable_params"] < by_arm["kind"]["trainable_params"]
+    assert by_arm["gated_lora_paper"]["trainable_params"] < by_arm["lora"]["trainable_params"]
+    assert all("fmnist_fid_g2" in m and "heldout_mse" in m for m in by_arm.values())  # both guidance tables
     assert (out / "samples.png").exists() and (out / "table.md").exists()
     notes = (out / "notes.md").read_text()
     assert "NOT yet meaningful" in notes and "not** FID" in notes

@@ -173,3 +173,35 @@ def test_sentence_transformers_online_mining_ranks_the_current_students_top_k():
     assert float(online) == pytest.approx(float(expect), rel=1e-5)
     with pytest.raises(UserError, match="exceeds"):
         CPRDSentenceTransformerLoss(_Echo(), k=9)(feats, labels)
+
+
+def test_random_control_resumes_to_the_same_draws():
+    from transferlab.cprd import DualEncoder, DualEncoderTrainer
+
+    g = torch.Generator().manual_seed(8)
+    xs = [torch.randn(12, 6, generator=g) for _ in range(4)]
+
+    def trainer():
+        torch.manual_seed(0)
+        model = DualEncoder(torch.nn.Linear(6, 4), torch.nn.Linear(6, 4))
+        return DualEncoderTrainer(model, CPRDLoss(k=4, teacher_source="random"), lr=1e-2)
+
+    full = trainer()
+    for x in xs:
+        full.update(x, x + 0.1)
+    part = trainer()
+    for x in xs[:2]:
+        part.update(x, x + 0.1)
+    state = part.state_dict()
+    resumed = trainer()
+    torch.manual_seed(123)  # a resumed process's global RNG is elsewhere: it must not matter
+    resumed.load_state_dict(state)
+    for x in xs[2:]:
+        resumed.update(x, x + 0.1)
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    other = trainer()
+    other.loss.random_base += 1  # another stream gives other orders
+    for x in xs:
+        other.update(x, x + 0.1)
+    assert not all(torch.equal(a, b) for a, b in zip(full.model.parameters(), other.model.parameters()))

@@ -113,6 +113,22 @@ class ContrastiveDistillLoss(nn.Module):
 
             cfg = dataclasses.replace(cfg, **overrides)
         self.config = cfg
+        # the random-order control draws from its own stream: a base taken from the global RNG when the
+        # loss is built (seeded per run) and a call counter, both in `extra_state`, so a resumed run
+        # draws exactly what an uninterrupted one would
+        self.random_base = int(torch.randint(0, 2**31 - 1, (1,)).item()) if cfg.teacher_source == "random" else 0
+        self.random_calls = 0
+
+    def get_extra_state(self) -> dict:
+        return {"random_base": self.random_base, "random_calls": self.random_calls}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.random_base, self.random_calls = int(state["random_base"]), int(state["random_calls"])
+
+    def _random_scores(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.random_base * 1_000_003 + self.random_calls)
+        self.random_calls += 1
+        return torch.rand(n, generator=g).to(device=like.device, dtype=like.dtype)
 
     def distill(self, s: torch.Tensor, t: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
         return s.new_zeros(s.shape[0])
@@ -166,8 +182,8 @@ class ContrastiveDistillLoss(nn.Module):
         raw = _PairScores.apply(sim, flat)
         if cfg.teacher_source == "self":  # control: the student's own order, so no knowledge is added
             t_all = raw.detach().clone()
-        elif cfg.teacher_source == "random":  # control: a random order (global RNG: seeded per run)
-            t_all = torch.rand(raw.shape, dtype=sim.dtype, device=sim.device)
+        elif cfg.teacher_source == "random":  # control: a fresh random order every call
+            t_all = self._random_scores(raw.shape[0], raw)
         else:
             t_all = _teacher_scores(teacher, flat, tuple(sim.shape)).to(sim.dtype)
         s_all = raw if self.on_cosine else raw / t_d

@@ -114,9 +114,12 @@ class DualEncoderTrainer:
         return self.embed(images, "image", batch_size) @ self.embed(texts, "text", batch_size).t()
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step}
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                "loss": self.loss.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.step = state["step"]
+        if "loss" in state:  # the objective's own state (the random-order control's stream)
+            self.loss.load_state_dict(state["loss"])

@@ -112,3 +112,11 @@ def test_minimal_detectable_effect_matches_the_formula_and_shrinks_with_seeds():
     assert verdict(2.0, 1.0, 0.5) == "better" and verdict(-2.0, 1.0, 0.5) == "worse"
     assert verdict(-2.0, 1.0, 0.5, higher_is_better=False) == "better"
     assert verdict(0.2, 1.0, 1.4).startswith("no difference detected (MDE 1.4")
+
+
+def test_config_from_dict_rebuilds_nested_configs_and_tuples():
+    from transferlab.core.config import config_from_dict, to_dict
+
+    cfg = apply_overrides(Outer(), ["method.top_k=4", "arms=a"])
+    assert config_from_dict(Outer, to_dict(cfg)) == cfg
+    assert config_from_dict(Outer, {**to_dict(cfg), "dropped_field": 1}) == cfg  # old folders still render

@@ -162,6 +162,29 @@ def _rebuild(cfg, tree: dict):
         raise UserError(f"invalid value for {keys} of {type(cfg).__name__}: {e}") from None
 
 
+def config_from_dict(cls, d: dict):
+    """Rebuild a config dataclass from `to_dict`'s output (lists become tuples, dicts nested configs).
+
+    Keys the class no longer has are ignored, so a results folder written by an older version
+    still renders; missing keys take their defaults."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(v, dict) and dataclasses.is_dataclass(default):
+            v = config_from_dict(type(default), v)
+        elif isinstance(v, list):
+            v = _tuples(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def _tuples(v):
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
 def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 

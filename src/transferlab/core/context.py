@@ -65,7 +65,8 @@ class RunContext:
         return getattr(self.engine, name)
 
     # ---- artifacts shared by the arms (and, if asked, the seeds) of one config ------------------
-    def shared(self, name: str, build: Callable[[], Any], *, per_seed: bool = True, key: Any = None) -> Any:
+    def shared(self, name: str, build: Callable[[], Any], *, per_seed: bool = True, key: Any = None,
+               collective: bool = False) -> Any:
         """`build()` computed once and reused by every arm of this config (and seed, if `per_seed`).
 
         `key`, when given, replaces the config hash: pass the config fields the artifact depends on,
@@ -74,8 +75,9 @@ class RunContext:
 
         Across the workers of `run --jobs N` an exclusive file lock makes one worker build while the
         others wait and load. Across the ranks of one distributed run the main process builds and
-        the others wait at a barrier. The file is written atomically, so a killed build leaves
-        nothing behind and the next run builds again.
+        the others wait at a barrier; with `collective` every rank runs `build` together (it trains
+        data-parallel, with collectives inside) and the main process saves the result. The file is
+        written atomically, so a killed build leaves nothing behind and the next run builds again.
         """
         if self.exp_dir is None:
             return build()
@@ -83,8 +85,12 @@ class RunContext:
         path = self.exp_dir / "shared" / tag / (f"{name}-seed{self.seed}.pt" if per_seed else f"{name}.pt")
         path.parent.mkdir(parents=True, exist_ok=True)
         if self.engine.num_processes > 1:
-            if self.engine.is_main and not path.exists():
-                atomic_torch_save(build(), path)
+            exists = path.exists()
+            self.engine.wait()  # every rank has looked before the main process may write
+            if not exists and (collective or self.engine.is_main):
+                value = build()
+                if self.engine.is_main:
+                    atomic_torch_save(value, path)
             self.engine.wait()
             return torch.load(path, map_location="cpu", weights_only=True)
         fd = os.open(path.with_name(f".{path.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o666)

@@ -113,6 +113,18 @@ class Engine:
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def shard(self, items: list, equal: bool = True) -> list:
+        """This process's share of `items`: every world-th one, starting at its rank.
+
+        With `equal` the tail is dropped so every rank gets as many items (training batches, where
+        ranks step together); without it every item goes to some rank (evaluation, summed exactly)."""
+        world = self.num_processes
+        if world == 1:
+            return items
+        if equal:
+            items = items[: len(items) - len(items) % world]
+        return items[self.process_index::world]
+
     def progress(self, iterable=None, **kwargs):
         """A tqdm bar on rank 0 only; silent when stdout is not a terminal."""
         from tqdm.auto import tqdm

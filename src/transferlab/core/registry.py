@@ -44,6 +44,14 @@ def registering_modules() -> list[str]:
     return names
 
 
+@dataclass
+class Figures:
+    """What an experiment's plot hook made: the PNG files it wrote and Markdown notes for the report."""
+
+    paths: list = dataclasses.field(default_factory=list)
+    notes: str = ""
+
+
 @dataclass(frozen=True)
 class Experiment:
     name: str
@@ -53,7 +61,7 @@ class Experiment:
     metrics: tuple[str, ...]
     description: str
     profiles: dict
-    plot: Callable | None = None  # (rows, cfg, out_dir) -> list of PNG paths
+    plot: Callable | None = None  # (rows, cfg dataclass, out_dir) -> Figures
     method: str | None = None  # the arm that is the method under test (default: first non-reference arm)
     headline: tuple[str, ...] = ()  # metrics of the main table (default: the first three of `metrics`)
     cpu_minutes: dict | None = None  # estimated single-machine CPU minutes per profile, for `transferlab list`

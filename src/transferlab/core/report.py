@@ -12,8 +12,9 @@ import math
 import re
 from pathlib import Path
 
+from .config import config_from_dict
 from .io import atomic_write_text
-from .registry import experiments, get_experiment
+from .registry import Figures, experiments, get_experiment
 from .results import latest_rows
 from .stats import fmt_ci, mean_ci, minimal_detectable_effect, paired_diff, paired_values, verdict
 
@@ -164,8 +165,10 @@ def summary_markdown(heads: list[dict], link: str = "#{}") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_experiment_report(out_dir: Path) -> str | None:
-    """Write table.md, table.csv, section.md and plots for one experiment folder; returns the section."""
+def write_experiment_report(out_dir: Path) -> tuple[str, list[Path]] | None:
+    """Write table.md, table.csv, section.md and plots for one experiment folder.
+
+    Returns the Markdown section and the figures (the metric bars, then the plot hook's)."""
     out_dir = Path(out_dir)
     r = render_experiment(out_dir)
     if r is None:
@@ -176,17 +179,31 @@ def write_experiment_report(out_dir: Path) -> str | None:
     seeds = max(e["n"] for e in summary)
     bar_plot(summary, exp.primary_metric, out_dir / "metric.png",
              f"{exp.name} ({latest['profile']}, {seeds} seed(s)): {exp.primary_metric}, 95% CI")
+    figures = Figures()
     if exp.plot is not None:
-        exp.plot(r["rows"], latest["config"], out_dir)
+        figures = _call_plot(exp, r["rows"], latest["config"], out_dir)
     header = (f"## {exp.name}\n\n{exp.description}\n\nProfile `{latest['profile']}`, config `{latest['config_hash']}`, "
               f"mean ± 95% CI over seeds; Δ = paired difference to `{exp.reference}`.\n\n")
-    notes = out_dir / "notes.md"  # an experiment may write its own caveats (e.g. "samples not meaningful")
     full = ("" if r["full_table"] == r["table"]
             else f"\n<details><summary>all metrics</summary>\n\n{r['full_table']}\n</details>\n")
     section = (header + r["table"] + full + ("\n" + r["choices"] if r["choices"] else "")
-               + ("\n" + notes.read_text() if notes.exists() else ""))
+               + ("\n" + figures.notes if figures.notes else ""))
     atomic_write_text(out_dir / "section.md", section)
-    return section
+    return section, [out_dir / "metric.png", *[Path(p) for p in figures.paths]]
+
+
+def _call_plot(exp, rows, cfg_dict, out_dir) -> Figures:
+    import inspect
+
+    params = list(inspect.signature(exp.plot).parameters.values())
+    if len(params) > 1 and params[1].annotation in (dict, "dict"):  # TRANSITION: hooks still on the dict form
+        paths = exp.plot(rows, cfg_dict, out_dir)
+        notes = out_dir / "notes.md"
+        return Figures(list(paths or []), notes.read_text() if notes.exists() else "")
+    figures = exp.plot(rows, config_from_dict(exp.config, cfg_dict), out_dir)
+    if not isinstance(figures, Figures):
+        raise TypeError(f"the plot hook of {exp.name} must return core.registry.Figures, got {type(figures)}")
+    return figures
 
 
 SMOKE_NOTE = ("Rows from the `quick` profile are smoke runs (tiny data, few seeds): they show that an experiment "
@@ -205,14 +222,14 @@ def write_report(out: str | Path = "results") -> tuple[Path, Path]:
         d = out / name
         if not d.is_dir():
             continue
-        section = write_experiment_report(d)
-        if section is None:
+        written = write_experiment_report(d)
+        if written is None:
             continue
         heads.append(headline(render_experiment(d)))
-        sections.append((name, section, sorted(d.glob("*.png"))))
+        sections.append((name, written[0], written[1]))
     summary = summary_markdown(heads)
     md_parts = ["# transferlab report\n", SMOKE_NOTE + "\n", "## Summary\n", summary]
-    md_parts += [section + "\n" + "".join(f"![{p.stem}]({name}/{p.name})\n" for p in pngs)
+    md_parts += [section + "\n" + "".join(f"![{p.stem}]({p.relative_to(out).as_posix()})\n" for p in pngs)
                  for name, section, pngs in sections]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;display:block;overflow-x:auto;max-width:100%}"

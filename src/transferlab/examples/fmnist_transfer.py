@@ -2,8 +2,8 @@
 
 Arms: full fine-tuning, linear probing (frozen features, new head) and training from scratch.
 The learning rate of each arm is chosen on a labelled validation split of the target classes,
-never on the test set. The pre-trained network is shared by the arms of one seed (cached on
-disk), so the arms are paired.
+never on the test set. The pre-trained network is shared by the arms of one seed (`ctx.shared`),
+so the arms are paired.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from ..core.config import field
 from ..core.errors import UserError
-from ..core.io import atomic_torch_save
 from ..core.registry import register_experiment
 from ..data import load_fashion_mnist
+from ..data.image_ops import per_class_indices
 from ..nn import SmallCNN, batches, evaluate_classifier
 
 ARMS = ("finetune", "linear_probe", "scratch")
@@ -51,18 +51,6 @@ class FmnistTransferConfig:
             raise UserError("lrs must list at least one learning rate")
 
 
-def _per_class(y: torch.Tensor, classes, n: int, g: torch.Generator, skip: int = 0) -> torch.Tensor:
-    """Indices of n examples of each class (after skipping `skip`), in a seeded random order."""
-    out = []
-    for c in classes:
-        idx = (y == c).nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        if len(idx) < skip + n:
-            raise UserError(f"class {c} has only {len(idx)} images; lower shots/val_per_class/source_per_class")
-        out.append(idx[skip: skip + n])
-    return torch.cat(out)
-
-
 def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div(255).unsqueeze(1)
 
@@ -73,13 +61,16 @@ def _relabel(y: torch.Tensor, classes) -> torch.Tensor:
     return lut[y]
 
 
-def pretrain(cfg: FmnistTransferConfig, seed: int, engine) -> dict:
-    """Pre-train on the source classes with per-epoch checkpoints; returns the state dict."""
-    cache = engine.run_dir.parent / f"pretrained-seed{seed}.pt"
-    if cache.exists():
-        return torch.load(cache, map_location="cpu", weights_only=True)
+def pretrain(cfg: FmnistTransferConfig, seed: int, ctx) -> dict:
+    """Pre-train on the source classes (data-parallel across processes, per-epoch checkpoints).
+
+    Shared by every arm of one seed, so the arms are paired; returns the state dict."""
+    return ctx.shared("pretrained", lambda: _pretrain(cfg, seed, ctx), collective=True)
+
+
+def _pretrain(cfg: FmnistTransferConfig, seed: int, engine) -> dict:
     x, y = load_fashion_mnist("train", cfg.data_path)
-    idx = _per_class(y, cfg.source_classes, cfg.source_per_class, torch.Generator().manual_seed(seed))
+    idx = per_class_indices(y, cfg.source_classes, cfg.source_per_class, torch.Generator().manual_seed(seed))
     xs, ys = _as_float(x[idx]), _relabel(y[idx], cfg.source_classes)
     torch.manual_seed(seed)
     model = SmallCNN(len(cfg.source_classes), width=cfg.width)
@@ -93,8 +84,7 @@ def pretrain(cfg: FmnistTransferConfig, seed: int, engine) -> dict:
     model, opt = engine.prepare(model, opt)
     for epoch in range(start, cfg.pretrain_epochs):
         model.train()
-        chunks = batches(len(xs), cfg.batch_size, seed=seed * 1000 + epoch,
-                         rank=engine.process_index, world=engine.num_processes)
+        chunks = batches(len(xs), cfg.batch_size, seed=seed * 1000 + epoch, engine=engine)
         for b in engine.progress(chunks, desc=f"pretrain epoch {epoch + 1}/{cfg.pretrain_epochs}"):
             loss = F.cross_entropy(model(xs[b].to(engine.device)), ys[b].to(engine.device))
             opt.zero_grad(set_to_none=True)
@@ -102,11 +92,7 @@ def pretrain(cfg: FmnistTransferConfig, seed: int, engine) -> dict:
             opt.step()
         engine.save_checkpoint({"phase": "pretrain", "epoch": epoch + 1,
                                 "model": engine.unwrap(model).state_dict(), "opt": opt.state_dict()})
-    state = {k: v.detach().cpu() for k, v in engine.unwrap(model).state_dict().items()}
-    if engine.is_main:
-        atomic_torch_save(state, cache)
-    engine.wait()
-    return state
+    return {k: v.detach().cpu() for k, v in engine.unwrap(model).state_dict().items()}
 
 
 def _train_target(arm: str, pre: dict | None, cfg, lr: float, seed: int, xtr, ytr) -> SmallCNN:
@@ -135,28 +121,28 @@ def _train_target(arm: str, pre: dict | None, cfg, lr: float, seed: int, xtr, yt
     metrics=("test_acc", "val_acc"),
     description="Fashion-MNIST 5->5 class transfer with few labels: fine-tune vs linear probe vs scratch (CNN)",
     profiles={
+        "tiny": {"seeds": 1, "source_per_class": 60, "pretrain_epochs": 2, "shots": 3, "val_per_class": 10,
+                 "test_per_class": 20, "target_steps": 5, "lrs": (1e-3,), "width": 8},
         "quick": {"seeds": 2, "source_per_class": 1200, "pretrain_epochs": 2, "test_per_class": 500,
                   "target_steps": 60},
+        "cpu": {"seeds": 5},
         "full": {"seeds": 5},
     },
+    cpu_minutes={"quick": 1, "cpu": 7, "full": 7},
 )
-def fmnist_transfer(cfg: FmnistTransferConfig, arm: str, seed: int, engine) -> dict:
-    pre = None if arm == "scratch" else pretrain(cfg, seed, engine)
+def fmnist_transfer(cfg: FmnistTransferConfig, arm: str, seed: int, ctx) -> dict:
+    pre = None if arm == "scratch" else pretrain(cfg, seed, ctx)
     x, y = load_fashion_mnist("train", cfg.data_path)
     xt, yt = load_fashion_mnist("test", cfg.data_path)
     g = torch.Generator().manual_seed(10_000 + seed)
-    tr = _per_class(y, cfg.target_classes, cfg.shots, g)
+    tr = per_class_indices(y, cfg.target_classes, cfg.shots, g)
     g = torch.Generator().manual_seed(10_000 + seed)  # same permutation: validation follows the shots
-    va = _per_class(y, cfg.target_classes, cfg.val_per_class, g, skip=cfg.shots)
-    te = _per_class(yt, cfg.target_classes, cfg.test_per_class, torch.Generator().manual_seed(0))
+    va = per_class_indices(y, cfg.target_classes, cfg.val_per_class, g, skip=cfg.shots)
+    te = per_class_indices(yt, cfg.target_classes, cfg.test_per_class, torch.Generator().manual_seed(0))
     xtr, ytr = _as_float(x[tr]), _relabel(y[tr], cfg.target_classes)
     xva, yva = _as_float(x[va]), _relabel(y[va], cfg.target_classes)
     xte, yte = _as_float(xt[te]), _relabel(yt[te], cfg.target_classes)
-    best = None
-    for lr in cfg.lrs:
-        model = _train_target(arm, pre, cfg, lr, seed, xtr, ytr)
-        val = evaluate_classifier(model, xva, yva)
-        if best is None or val > best[0]:
-            best = (val, lr, model)
-    val, lr, model = best
+    lr, model = ctx.choose_on_validation("lr", cfg.lrs, fit=lambda lr: _train_target(arm, pre, cfg, lr, seed, xtr, ytr),
+                                         score=lambda m: evaluate_classifier(m, xva, yva))
+    val = ctx.choices["lr"]["scores"][list(cfg.lrs).index(lr)]
     return {"test_acc": 100 * evaluate_classifier(model, xte, yte), "val_acc": 100 * val, "lr": lr}

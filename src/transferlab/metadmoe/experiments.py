@@ -351,7 +351,7 @@ def _run(cfg, arm: str, seed: int, engine) -> dict:
     return metrics
 
 
-def _plot(rows, cfg, out_dir):
+def _plot(rows, cfg: dict, out_dir):
     from .plots import plot_results
 
     return plot_results(rows, cfg, out_dir)

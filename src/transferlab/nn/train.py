@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 
 
-def batches(n: int, batch_size: int, *, seed: int | None = None, rank: int = 0, world: int = 1,
-            drop_last: bool = False):
+def batches(n: int, batch_size: int, *, seed: int | None = None, engine=None, drop_last: bool = False):
     """Index batches over range(n): shuffled with a private generator when `seed` is given.
 
     A private generator (not the global RNG) makes the order a pure function of (seed, epoch),
     so a run resumed from a checkpoint sees exactly the batches an uninterrupted run would.
-    With `world > 1` each rank takes every world-th batch (data parallel).
+    With an engine of several processes each takes its share of the batches (data parallel).
     """
     if seed is None:
         order = torch.arange(n)
@@ -21,10 +20,7 @@ def batches(n: int, batch_size: int, *, seed: int | None = None, rank: int = 0, 
     chunks = list(order.split(batch_size))
     if drop_last and chunks and len(chunks[-1]) < batch_size:
         chunks = chunks[:-1]
-    if world > 1:
-        chunks = chunks[: len(chunks) - len(chunks) % world]  # equal step counts on every rank
-        chunks = chunks[rank::world]
-    return chunks
+    return chunks if engine is None else engine.shard(chunks)  # equal step counts on every rank
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -37,9 +33,10 @@ def evaluate_classifier(model, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Accuracy of `model` on (x, y); exact across processes when an engine is given."""
     was_training = model.training
     model.eval()
-    rank, world = (engine.process_index, engine.num_processes) if engine is not None else (0, 1)
     device = engine.device if engine is not None else next(model.parameters()).device
-    idx = torch.arange(len(x))[rank::world]
+    idx = torch.arange(len(x))
+    if engine is not None:
+        idx = torch.as_tensor(engine.shard(idx.tolist(), equal=False), dtype=torch.long)
     correct = torch.zeros((), dtype=torch.long, device=device)
     for b in idx.split(batch_size):
         xb = x[b].to(device)

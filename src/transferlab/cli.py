@@ -99,22 +99,18 @@ def _cmd_show(name: str) -> None:
 
 def _cmd_run(a) -> None:
     from .core.engine import Engine
-    from .core.report import write_report
     from .core.results import check_writable
-    from .core.runner import run_experiment
+    from .core.runner import report_run, run_experiment
 
     check_writable(Path(a.out))
-    if a.jobs != 1:
+    engine = Engine(device=a.device, mixed_precision=a.mixed_precision) if a.jobs == 1 else None
+    if engine is None:
         out_dir = _run_jobs(a)
+        engine = Engine(device="cpu", threads=1)  # the parent only writes the report
     else:
-        engine = Engine(device=a.device, mixed_precision=a.mixed_precision)
         out_dir = run_experiment(a.name, profile=a.profile, seeds=a.seeds, overrides=a.overrides, out=a.out,
                                  engine=engine)
-        if not engine.is_main:
-            return
-    if not a.no_report:
-        write_report(a.out)
-    print(f"table: {out_dir / 'table.md'}\n" + (out_dir / "table.md").read_text())
+    report_run(engine, a.out, out_dir, full_report=not a.no_report)
 
 
 def _run_jobs(a) -> Path:

@@ -66,6 +66,12 @@ class Experiment:
     headline: tuple[str, ...] = ()  # metrics of the main table (default: the first three of `metrics`)
     cpu_minutes: dict | None = None  # estimated single-machine CPU minutes per profile, for `transferlab list`
     lower_is_better: tuple[str, ...] | None = None  # metrics where smaller is better (default: by name)
+    extra_arms: tuple[str, ...] = ()  # arms that exist but are not run by default (`--set arms=...` adds them)
+
+    @property
+    def known_arms(self) -> tuple[str, ...]:
+        defaults = {f.name: f.default for f in dataclasses.fields(self.config)}["arms"]
+        return tuple(defaults) + tuple(a for a in self.extra_arms if a not in defaults)
 
     def higher_is_better(self, metric: str) -> bool:
         if self.lower_is_better is not None:
@@ -109,7 +115,7 @@ _loaded = False
 
 
 def register_experiment(name, *, config, reference, metrics, description, profiles, plot=None, method=None,
-                        headline=(), cpu_minutes=None, lower_is_better=None):
+                        headline=(), cpu_minutes=None, lower_is_better=None, extra_arms=()):
     names = {f.name for f in dataclasses.fields(config)}
     missing = {"arms", "seeds"} - names
     if missing:
@@ -122,7 +128,8 @@ def register_experiment(name, *, config, reference, metrics, description, profil
             raise TypeError(f"experiment name {name!r} is registered twice")
         _EXPERIMENTS[name] = Experiment(name, fn, config, reference, tuple(metrics), description, profiles, plot,
                                         method, tuple(headline), cpu_minutes,
-                                        None if lower_is_better is None else tuple(lower_is_better))
+                                        None if lower_is_better is None else tuple(lower_is_better),
+                                        tuple(extra_arms))
         return fn
 
     return deco

@@ -59,10 +59,10 @@ def resolve_config(exp: Experiment, profile: str, overrides: list[str] | dict | 
         if seeds < 1:
             raise UserError(f"--seeds must be at least 1, got {seeds}")
         cfg = dataclasses.replace(cfg, seeds=seeds)
-    config_arms = {f.name: f.default for f in dataclasses.fields(exp.config)}["arms"]
-    unknown = [a for a in cfg.arms if a not in config_arms]
+    known = exp.known_arms
+    unknown = [a for a in cfg.arms if a not in known]
     if unknown:
-        raise UserError(f"unknown arm(s) {unknown} for {exp.name}; choose from {list(config_arms)}")
+        raise UserError(f"unknown arm(s) {unknown} for {exp.name}; choose from {list(known)}")
     return cfg
 
 

@@ -16,7 +16,7 @@ from .engine import Engine
 from .io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from .jobs import claim
 from .registry import get_experiment
-from .report import write_experiment_report
+from .report import write_experiment_report, write_report
 from .results import check_writable, resolve_config, versions
 
 
@@ -72,3 +72,12 @@ def run_experiment(name: str, profile: str = "quick", seeds: int | None = None, 
     if report and engine.is_main:
         write_experiment_report(out_dir)
     return out_dir
+
+
+def report_run(engine: Engine, out: str | Path, out_dir: Path, full_report: bool = True) -> None:
+    """After a run: the whole report (unless skipped) and the experiment's table, on the main process."""
+    if not engine.is_main:
+        return
+    if full_report:
+        write_report(out)
+    print(f"table: {out_dir / 'table.md'}\n" + (out_dir / "table.md").read_text(), flush=True)

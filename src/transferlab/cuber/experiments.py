@@ -361,7 +361,7 @@ class RotatedConfig(StreamConfig):
                       "arms": ("finetune", "ewc", "gpm", "trgp", "cuber", "cuber_val")},
               "cpu-long": {"seeds": 10, "val_seeds": 2, "arms": LONG},
               "full": {"seeds": 20, "arms": _ALL + LONG}},
-    plot=plot_matrices,
+    plot=plot_matrices, extra_arms=_ALL + LONG,
 )
 def cuber_rotated_fmnist(cfg: RotatedConfig, arm: str, seed: int, engine) -> dict:
     return run_arm(cfg, arm, seed, engine,

@@ -10,11 +10,6 @@ transformers = pytest.importorskip("transformers")
 D, FF = 32, 64
 
 
-def _bert():
-    return transformers.BertModel(transformers.BertConfig(
-        vocab_size=50, hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=FF))
-
-
 def _roberta():
     return transformers.RobertaModel(transformers.RobertaConfig(
         vocab_size=50, hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=FF))
@@ -39,8 +34,14 @@ def _gated(name):
     return make
 
 
-ARCHS = {"bert": _bert, "roberta": _roberta, "gpt2": _gpt2, "vit": _vit, "llama": _gated("Llama"),
+ARCHS = {"bert": None, "roberta": _roberta, "gpt2": _gpt2, "vit": _vit, "llama": _gated("Llama"),
          "qwen2": _gated("Qwen2"), "mistral": _gated("Mistral")}
+
+
+@pytest.fixture
+def build(tiny_bert):
+    """`build(arch)`: a tiny random model of the architecture (BERT from the shared fixture)."""
+    return lambda arch: tiny_bert(ff=FF) if arch == "bert" else ARCHS[arch]()
 
 
 def _inputs(arch):
@@ -55,9 +56,9 @@ def _out(model, inputs):
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_emoe_topk_equals_n_is_dense(arch):
+def test_emoe_topk_equals_n_is_dense(arch, build):
     """k == N selects every expert, so the converted model computes the dense function (fwd and grads)."""
-    model = ARCHS[arch]().eval()
+    model = build(arch).eval()
     inputs = _inputs(arch)
     ref = _out(model, inputs)
     proj = torch.randn(D, generator=torch.Generator().manual_seed(2))  # LN outputs: sum of squares ~ const
@@ -85,8 +86,8 @@ def test_emoe_topk_equals_n_is_dense(arch):
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
-def test_emoe_revert_convert_bitwise(arch):
-    model = ARCHS[arch]()
+def test_emoe_revert_convert_bitwise(arch, build):
+    model = build(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     classes = [type(m) for m in model.modules()]
     revert(convert(model, EMoEConfig(num_experts=4, top_k=2, layers=(0, -1), kmeans_n_init=1)))
@@ -96,8 +97,8 @@ def test_emoe_revert_convert_bitwise(arch):
     assert [type(m) for m in model.modules()] == classes
 
 
-def test_emoe_sparse_routing_changes_output_and_counts_load():
-    model = _bert().eval()
+def test_emoe_sparse_routing_changes_output_and_counts_load(build):
+    model = build("bert").eval()
     inputs = _inputs("bert")
     ref = _out(model, inputs)
     convert(model, EMoEConfig(num_experts=8, top_k=2, layers=(1,), kmeans_n_init=1))
@@ -108,8 +109,8 @@ def test_emoe_sparse_routing_changes_output_and_counts_load():
     assert load.sum().item() == 2 * 7 * 2  # tokens * k
 
 
-def test_emoe_state_dict_keys_unchanged():
-    model = _gpt2()
+def test_emoe_state_dict_keys_unchanged(build):
+    model = build("gpt2")
     keys = list(model.state_dict())
     convert(model, EMoEConfig(num_experts=4, top_k=1, kmeans_n_init=1))
     assert list(model.state_dict()) == keys
@@ -149,10 +150,9 @@ def test_emoe_minilm_random_split_topk_equals_n_is_dense():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_emoe_cuda_topk_equals_n_is_dense_and_revert_bitwise(arch):
-    model = ARCHS[arch]().cuda().eval()
+def test_emoe_cuda_topk_equals_n_is_dense_and_revert_bitwise(arch, build):
+    model = build(arch).cuda().eval()
     inputs = {k: v.cuda() for k, v in _inputs(arch).items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -163,8 +163,8 @@ def test_emoe_cuda_topk_equals_n_is_dense_and_revert_bitwise(arch):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_emoe_gated_cluster_on_up_proj_is_still_dense_at_k_equals_n():
-    model = ARCHS["qwen2"]().eval()
+def test_emoe_gated_cluster_on_up_proj_is_still_dense_at_k_equals_n(build):
+    model = build("qwen2").eval()
     inputs = _inputs("qwen2")
     with torch.no_grad():
         ref = _out(model, inputs)

@@ -9,11 +9,6 @@ from transferlab.emoe import EMoEConfig, convert, revert
 transformers = pytest.importorskip("transformers")
 
 
-def _bert():
-    return transformers.BertModel(transformers.BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
-
-
 def test_emoe_unsupported_model_names_archs_and_register_adapter():
     with pytest.raises(UserError) as e:
         convert(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)), EMoEConfig())
@@ -22,8 +17,8 @@ def test_emoe_unsupported_model_names_archs_and_register_adapter():
         assert word in msg
 
 
-def test_emoe_num_experts_must_divide_dff_and_model_is_untouched():
-    model = _bert()
+def test_emoe_num_experts_must_divide_dff_and_model_is_untouched(tiny_bert):
+    model = tiny_bert()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="must divide the FFN width d_ff=64"):
         convert(model, EMoEConfig(num_experts=6, top_k=2, layers=(0, 1)))
@@ -38,8 +33,8 @@ def test_emoe_top_k_out_of_range(k):
         EMoEConfig(num_experts=8, top_k=k)
 
 
-def test_emoe_double_convert_and_revert_dense():
-    model = _bert()
+def test_emoe_double_convert_and_revert_dense(tiny_bert):
+    model = tiny_bert()
     convert(model, EMoEConfig(num_experts=4, top_k=2, kmeans_n_init=1))
     with pytest.raises(UserError, match="already EMoE-converted; call transferlab.emoe.revert"):
         convert(model, EMoEConfig(num_experts=4, top_k=2))
@@ -48,9 +43,9 @@ def test_emoe_double_convert_and_revert_dense():
         revert(model)
 
 
-def test_emoe_bad_layer_index_and_choices():
+def test_emoe_bad_layer_index_and_choices(tiny_bert):
     with pytest.raises(UserError, match="out of range: the model has 2 FFN layers"):
-        convert(_bert(), EMoEConfig(num_experts=4, top_k=2, layers=(5,)))
+        convert(tiny_bert(), EMoEConfig(num_experts=4, top_k=2, layers=(5,)))
     with pytest.raises(UserError, match="choose one of"):
         EMoEConfig(split="kmeans")
     with pytest.raises(UserError, match="'all'"):

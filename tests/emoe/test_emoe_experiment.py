@@ -76,10 +76,8 @@ def test_emoe_official_arm_carries_the_published_recipe():
 def test_emoe_wordnet_tiny_run(tmp_path):
     from transferlab.core.runner import run_experiment
 
-    over = {"arms": ("dense", "emoe", "emoe-official", "emoe-reverted", "lora-emoe"), "n_train": 64, "n_val": 20,
-            "n_test": 30, "lrs": (1e-4, 3e-4), "lora_lrs": (1e-3,), "max_len": 16, "batch_size": 16, "epochs": 2,
-            "bucket": 2, "curve_seeds": 0}  # test splits evaluated at the best epoch only
-    out = run_experiment("emoe-wordnet", "quick", seeds=1, overrides=over, out=tmp_path)
+    over = {"arms": ("dense", "emoe", "emoe-official", "emoe-reverted", "lora-emoe")}
+    out = run_experiment("emoe-wordnet", "tiny", seeds=1, overrides=over, out=tmp_path)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by = {r["arm"]: r["metrics"] for r in rows}
     assert set(by) == set(over["arms"])
@@ -87,12 +85,15 @@ def test_emoe_wordnet_tiny_run(tmp_path):
         assert 0 <= m["id_acc"] <= 100 and 0 <= m["ood_f1"] <= 100 and m["best_epoch"] in (1, 2)
         assert m["lr"] in (m["lr0"], m.get("lr1"))
     assert by["emoe-reverted"]["lr"] == by["emoe"]["lr"]  # the same trained run, served dense
+    h = rows[0]["config_hash"]
+    assert (out / "shared" / h / "emoe-runs-with-reverted-seed0.pt").exists()  # trained once for both arms
+    for r in rows:  # the per-seed lr choice is recorded with its validation scores
+        assert r["choices"]["lr"]["chosen"] == r["metrics"]["lr"] and len(r["choices"]["lr"]["scores"]) >= 1
     assert by["lora-emoe"]["lr"] == 1e-3
-    assert (out / "table.md").exists() and "seed mean" in (out / "notes.md").read_text()
+    assert (out / "table.md").exists() and "seed mean" in (out / "section.md").read_text()
     assert (out / "emoe_wordnet_curves.png").exists() and (out / "emoe_wordnet_usage.png").exists()
     dense = json.loads((out / "details" / rows[0]["config_hash"] / "dense-seed0.json").read_text())[format(1e-4, "g")]
     assert "ood_acc" in dense["history"][dense["best_epoch"] - 1]  # the test splits at the best epoch
-    h = rows[0]["config_hash"]
     det = json.loads((out / "details" / h / "emoe-official-seed0.json").read_text())
     one = det[format(1e-4, "g")]
     assert len(one["history"]) == 2 and len(one["pred"]["ood"]) == len(one["label"]["ood"]) >= 30

@@ -245,11 +245,7 @@ def test_triton_interpreter_equals_masked(bias, glu, d_ff, N, k, dtype):
                 act=F.silu if glu else F.gelu)
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("impl", ["gather", "grouped_mm", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("glu", [False, True])

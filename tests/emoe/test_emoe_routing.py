@@ -8,13 +8,6 @@ from transferlab.emoe import EMoEConfig, aux_loss, avg_k_gate, convert, emoe_lay
 transformers = pytest.importorskip("transformers")
 
 
-def _bert(ff=64):
-    torch.manual_seed(0)
-    return transformers.BertModel(transformers.BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=ff,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-
-
 def _proj():
     """A fixed random readout: (LayerNorm output)^2 summed would be nearly constant, with ~0 gradient."""
     return torch.randn(32, generator=torch.Generator().manual_seed(5))
@@ -24,9 +17,9 @@ def _ids(t=5):
     return torch.randint(1, 50, (1, t), generator=torch.Generator().manual_seed(3))
 
 
-def test_emoe_gate_is_block_mean_preactivation():
+def test_emoe_gate_is_block_mean_preactivation(tiny_bert):
     """avg-k score of expert e = mean over its neurons of (W1 x + b1) minus mean of its b1."""
-    model = _bert()
+    model = tiny_bert(dropout=0.0)
     convert(model, EMoEConfig(num_experts=8, top_k=2, layers=(0,), kmeans_n_init=1))
     host = emoe_layers(model)[0]
     w, b = host.intermediate.dense.weight, host.intermediate.dense.bias
@@ -36,8 +29,8 @@ def test_emoe_gate_is_block_mean_preactivation():
     assert torch.allclose(avg_k_gate(w, 8), w.reshape(8, 8, 32).mean(1))
 
 
-def test_emoe_gate_no_grad_and_unselected_expert_zero_grad():
-    model = _bert()
+def test_emoe_gate_no_grad_and_unselected_expert_zero_grad(tiny_bert):
+    model = tiny_bert(dropout=0.0)
     convert(model, EMoEConfig(num_experts=8, top_k=1, layers=(1,), kmeans_n_init=1))
     host = emoe_layers(model)[0]
     expert_load(model, track=True)
@@ -61,8 +54,8 @@ def test_emoe_gate_no_grad_and_unselected_expert_zero_grad():
     assert not [n for n, _ in model.named_parameters() if "gate" in n or "router" in n]
 
 
-def test_emoe_gate_tracks_live_keys_after_optimizer_step():
-    model = _bert()
+def test_emoe_gate_tracks_live_keys_after_optimizer_step(tiny_bert):
+    model = tiny_bert(dropout=0.0)
     convert(model, EMoEConfig(num_experts=8, top_k=2, layers=(0,), kmeans_n_init=1))
     host = emoe_layers(model)[0]
     w = host.intermediate.dense.weight
@@ -77,8 +70,8 @@ def test_emoe_gate_tracks_live_keys_after_optimizer_step():
 
 
 @pytest.mark.parametrize("split", ["balanced-kmeans", "random", "contiguous"])
-def test_emoe_splits_give_permutations(split):
-    model = _bert()
+def test_emoe_splits_give_permutations(split, tiny_bert):
+    model = tiny_bert(dropout=0.0)
     w0 = model.encoder.layer[0].intermediate.dense.weight.detach().clone()
     convert(model, EMoEConfig(num_experts=4, top_k=2, layers=(0,), split=split, kmeans_n_init=1))
     perm = emoe_layers(model)[0].emoe_state.perm
@@ -88,8 +81,8 @@ def test_emoe_splits_give_permutations(split):
         assert torch.equal(perm, torch.arange(64))
 
 
-def test_emoe_bottom_k_picks_lowest_scores():
-    model = _bert()
+def test_emoe_bottom_k_picks_lowest_scores(tiny_bert):
+    model = tiny_bert(dropout=0.0)
     convert(model, EMoEConfig(num_experts=8, top_k=2, layers=(0,), select="bottom-k", kmeans_n_init=1))
     host = emoe_layers(model)[0]
     expert_load(model, track=True)
@@ -100,14 +93,14 @@ def test_emoe_bottom_k_picks_lowest_scores():
     assert chosen == set(scores.topk(2, largest=False).indices.flatten().tolist())
 
 
-def test_emoe_official_extras_are_off_by_default_and_work_when_on():
+def test_emoe_official_extras_are_off_by_default_and_work_when_on(tiny_bert):
     cfg = EMoEConfig()
     assert (cfg.aux_loss_weight, cfg.gate_noise, cfg.capacity_factor, cfg.expert_dropout) == (0.0, 0.0, None, 0.0)
-    model = _bert()
+    model = tiny_bert(dropout=0.0)
     convert(model, EMoEConfig(num_experts=8, top_k=8, layers=(0,), kmeans_n_init=1, capacity_factor=0.5,
                               aux_loss_weight=0.01, gate_noise=1.0, expert_dropout=0.1))
     model.eval()
-    ref_model = _bert().eval()
+    ref_model = tiny_bert(dropout=0.0).eval()
     ids = _ids(16)
     # every token picks every expert (k = N), capacity k*floor(0.5*ceil(16/8)) = 8 < 16 pairs per expert:
     # tokens 8..15 lose all pairs, so the output differs from dense even in eval (no dropout, no noise)
@@ -135,9 +128,9 @@ def test_emoe_capacity_is_batch_prioritised_worked_example():
     assert capacity_keep(idx, torch.tensor([0.9, 0.8, 0.7, 0.6]), 4, 2.0).sum().item() == 8  # capacity 4
 
 
-def test_emoe_capacity_priority_comes_from_the_layer_scores():
+def test_emoe_capacity_priority_comes_from_the_layer_scores(tiny_bert):
     """Inside the layer, the tokens that keep their expert are those with the largest top softmax score."""
-    model = _bert()
+    model = tiny_bert(dropout=0.0)
     convert(model, EMoEConfig(num_experts=2, top_k=1, layers=(0,), kmeans_n_init=1, capacity_factor=0.5))
     host = emoe_layers(model)[0].eval()
     w = host.intermediate.dense.weight
@@ -157,7 +150,7 @@ def test_emoe_capacity_priority_comes_from_the_layer_scores():
         assert all(y[t].abs().sum() > 0 for t in kept.tolist())
 
 
-def test_emoe_aux_loss_is_tutel_load_importance_with_gradient_into_hidden_states():
+def test_emoe_aux_loss_is_tutel_load_importance_with_gradient_into_hidden_states(tiny_bert):
     from torch.distributions.normal import Normal
 
     from transferlab.emoe.layer import load_importance_loss
@@ -172,7 +165,7 @@ def test_emoe_aux_loss_is_tutel_load_importance_with_gradient_into_hidden_states
     want = (imp.var() / imp.mean() ** 2 + load.var() / load.mean() ** 2) / 2
     assert load_importance_loss(logits, noisy, idx, 4, 1.0).item() == pytest.approx(want.item(), rel=1e-5)
 
-    model = _bert()
+    model = tiny_bert(dropout=0.0)
     convert(model, EMoEConfig(num_experts=8, top_k=2, layers=(1,), kmeans_n_init=1, aux_loss_weight=0.01,
                               gate_noise=1.0))
     model.train()
@@ -188,10 +181,10 @@ def test_emoe_aux_loss_is_tutel_load_importance_with_gradient_into_hidden_states
         EMoEConfig(aux_loss_weight=0.01)
 
 
-def test_emoe_learn_is_tutel_cosine_router_with_renormalised_weights():
+def test_emoe_learn_is_tutel_cosine_router_with_renormalised_weights(tiny_bert):
     import torch.nn.functional as F
 
-    model = _bert()
+    model = tiny_bert(dropout=0.0)
     keys = list(model.state_dict())
     torch.manual_seed(3)
     convert(model, EMoEConfig(num_experts=8, top_k=2, layers=(0,), gate="learned", kmeans_n_init=1))
@@ -216,9 +209,9 @@ def test_emoe_learn_is_tutel_cosine_router_with_renormalised_weights():
     assert list(model.state_dict()) == keys
 
 
-def test_emoe_gate_is_fresh_after_writes_through_data():
+def test_emoe_gate_is_fresh_after_writes_through_data(tiny_bert):
     """.data writes do not bump the version counter; the gate must still follow the new keys."""
-    model = _bert()
+    model = tiny_bert(dropout=0.0)
     convert(model, EMoEConfig(num_experts=8, top_k=2, layers=(0,), kmeans_n_init=1))
     host = emoe_layers(model)[0]
     w = host.intermediate.dense.weight

@@ -20,18 +20,12 @@ from transferlab.emoe import (
 transformers = pytest.importorskip("transformers")
 
 
-def _bert():
-    torch.manual_seed(0)
-    return transformers.BertModel(transformers.BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
-
-
 IDS = torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(4))
 
 
 @pytest.mark.parametrize("gate", ["avg-k", "learned"])
-def test_emoe_save_load_identical_outputs(tmp_path, gate):
-    model = convert(_bert(), EMoEConfig(num_experts=8, top_k=2, layers="all", kmeans_n_init=1, gate=gate)).eval()
+def test_emoe_save_load_identical_outputs(tmp_path, gate, tiny_bert):
+    model = convert(tiny_bert(), EMoEConfig(num_experts=8, top_k=2, layers="all", kmeans_n_init=1, gate=gate)).eval()
     with torch.no_grad():  # "fine-tune" a little so the saved weights differ from the init
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -41,7 +35,7 @@ def test_emoe_save_load_identical_outputs(tmp_path, gate):
     blob = json.loads((tmp_path / "transferlab_config.json").read_text())
     assert blob["method"] == "emoe" and blob["version"] == 1 and set(blob["permutations"]) == {"0", "1"}
     assert EMoEConfig.from_dict(blob["config"]) == emoe_config(model)[0]
-    base = _bert()
+    base = tiny_bert()
     loaded = from_pretrained(tmp_path, base).eval()
     assert loaded is base
     with torch.no_grad():
@@ -65,12 +59,12 @@ def test_emoe_config_round_trip_and_unknown_keys():
         EMoEConfig.from_dict({**cfg.to_dict(), "bogus": 1})
 
 
-def test_emoe_from_pretrained_wrong_folder_errors(tmp_path):
+def test_emoe_from_pretrained_wrong_folder_errors(tmp_path, tiny_bert):
     with pytest.raises(UserError, match="transferlab_config.json"):
-        from_pretrained(tmp_path, _bert())
+        from_pretrained(tmp_path, tiny_bert())
     (tmp_path / "transferlab_config.json").write_text(json.dumps({"method": "kind", "version": 1, "config": {}}))
     with pytest.raises(UserError, match="not EMoE"):
-        from_pretrained(tmp_path, _bert())
+        from_pretrained(tmp_path, tiny_bert())
 
 
 def test_emoe_deprecated_aliases_warn():
@@ -81,9 +75,9 @@ def test_emoe_deprecated_aliases_warn():
     assert "convert_to_emoe" not in emoe.__all__ and "check_backbone" not in emoe.__all__
 
 
-def test_emoe_with_peft_lora_on_attention():
+def test_emoe_with_peft_lora_on_attention(tiny_bert):
     peft = pytest.importorskip("peft")
-    model = convert(_bert(), EMoEConfig(num_experts=8, top_k=2, layers=(1,), kmeans_n_init=1))
+    model = convert(tiny_bert(), EMoEConfig(num_experts=8, top_k=2, layers=(1,), kmeans_n_init=1))
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -91,10 +85,10 @@ def test_emoe_with_peft_lora_on_attention():
     out.mul(torch.randn(32)).sum().backward()
     assert all(p.grad is not None for n, p in lora.named_parameters() if p.requires_grad)
     # LoRA first, then convert, also works; LoRA on the FFN itself is refused with a fix
-    other = peft.get_peft_model(_bert(), peft.LoraConfig(r=4, target_modules=["query", "value"]))
+    other = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, target_modules=["query", "value"]))
     convert(other, EMoEConfig(num_experts=8, top_k=2, layers=(0,), kmeans_n_init=1))
     assert len(emoe_layers(other)) == 1
-    bad = peft.get_peft_model(_bert(), peft.LoraConfig(r=4, target_modules=["dense"]))
+    bad = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, target_modules=["dense"]))
     with pytest.raises(UserError, match="attention layers only"):
         convert(bad, EMoEConfig(num_experts=8, top_k=2, layers=(0,)))
 

@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..core.io import atomic_write_json, atomic_write_text
+from ..core.io import atomic_write_json
+from ..core.registry import Figures
 from ..core.stats import fmt_ci, mean_ci, minimal_detectable_effect, paired_values, verdict
+
+if TYPE_CHECKING:  # the experiment module imports this one
+    from .experiments import EMoEWordnetConfig
 
 METRICS = ("ood_acc", "id_acc")  # primary first
 
@@ -205,8 +210,8 @@ def _plot_usage(out_dir: Path, config_hash: str, arms, lrs: dict, seed: int = 0)
     return path
 
 
-def report(rows: list[dict], cfg_dict: dict, out_dir) -> list[Path]:
-    """notes.md (confirmatory table and caveats) and the curve and usage plots; returns the PNGs."""
+def report(rows: list[dict], cfg: EMoEWordnetConfig, out_dir) -> Figures:
+    """The confirmatory table and caveats (as notes) and the curve and usage plots."""
     out_dir = Path(out_dir)
     h = rows[0]["config_hash"] if rows else ""
     table, lrs = confirmatory(rows, out_dir, h)
@@ -216,7 +221,6 @@ def report(rows: list[dict], cfg_dict: dict, out_dir) -> list[Path]:
     if seeds < 5:
         notes.append(f"{seeds} seed(s): too few to resolve effects of the size the paper reports (+0.6 to +0.9); "
                      "see docs/emoe.md for the multi-seed run.")
-    atomic_write_text(out_dir / "notes.md", "\n".join(notes) + "\n")
-    arms = cfg_dict.get("arms", [])
-    return [p for p in (_plot_curves(out_dir, h, arms, lrs), _plot_usage(out_dir, h, arms, lrs)) if p is not None]
-
+    paths = [p for p in (_plot_curves(out_dir, h, cfg.arms, lrs), _plot_usage(out_dir, h, cfg.arms, lrs))
+             if p is not None]
+    return Figures(paths, "\n".join(notes) + "\n")

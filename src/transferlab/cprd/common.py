@@ -90,11 +90,6 @@ class DenseWhenLarge:
         return self.score_pairs(rows, cols)
 
 
-def shared_file(engine, name: str):
-    """A file shared by every arm and seed of one config (its run folder's parent); None without one."""
-    return None if engine.run_dir is None else engine.run_dir.parent / name
-
-
 def rank_corr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman correlation (average ranks for ties not needed: continuous scores)."""
     ra = a.double().argsort().argsort().double()

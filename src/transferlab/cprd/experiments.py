@@ -11,7 +11,7 @@ Student: a dual encoder (cell-CNN image tower, small text transformer), symmetri
 learnable temperature, + λ x a distillation term that differs by arm (`common.ARM_HELP`). Every
 arm's λ (and temperature or validity rule, see `common.arm_grid`) is chosen on validation RSUM.
 Seeds are the pre-declared block seed_offset .. seed_offset + seeds - 1.
-The WordNet text-text experiment lives in `experiments_wordnet.py` (imported at the end).
+The WordNet text-text experiment lives in `experiments_wordnet.py`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from ..core.config import field
 from ..core.errors import UserError
-from ..core.io import cached_torch
 from ..core.registry import register_experiment
 from ..data import load_fashion_mnist
 from ..nn import batches
@@ -37,7 +36,6 @@ from .common import (
     loss_for_arm,
     rank_corr,
     setting_label,
-    shared_file,
     spread_stats,
 )
 from .loss import infonce_loss
@@ -101,7 +99,7 @@ class ScenesConfig:
                             f"(2k + 1 with cprd_easy); raise batch_families")
 
 
-def _data(cfg: ScenesConfig, seed: int, engine):
+def _data(cfg: ScenesConfig, seed: int, ctx):
     x, y = load_fashion_mnist("train", cfg.data_path)
     xt, yt = load_fashion_mnist("test", cfg.data_path)
     g = torch.Generator().manual_seed(seed)
@@ -111,7 +109,7 @@ def _data(cfg: ScenesConfig, seed: int, engine):
     train = make_scenes(y[tr_pool], cfg.train_families, cfg.family_size, cfg.n_captions, g, unique=False)
     val = make_scenes(y[va_pool], cfg.val_families, cfg.family_size, cfg.n_captions, g)
     test = make_scenes(yt, cfg.test_families, cfg.family_size, cfg.n_captions, torch.Generator().manual_seed(0))
-    feats = item_features(cfg, seed, engine, [x[tr_pool], x[va_pool], xt], y[tr_pool],
+    feats = item_features(cfg, seed, ctx, [x[tr_pool], x[va_pool], xt], y[tr_pool],
                           [train.items, val.items, test.items])
     return (feats[0], train), (feats[1], val), (feats[2], test)
 
@@ -128,7 +126,7 @@ def _batch(scenes, n_fam_total: int, cfg, seed: int, step: int):
     return idx, text_idx, pos
 
 
-def item_features(cfg: ScenesConfig, seed: int, engine, pools: list[torch.Tensor], labels: torch.Tensor,
+def item_features(cfg: ScenesConfig, seed: int, ctx, pools: list[torch.Tensor], labels: torch.Tensor,
                   used_items: list[torch.Tensor]):
     """Pre-train the item CNN on single training-pool items (cached per seed); return frozen pool features."""
     torch.manual_seed(seed + 303)
@@ -138,14 +136,14 @@ def item_features(cfg: ScenesConfig, seed: int, engine, pools: list[torch.Tensor
         x, y = pools[0][: cfg.item_images].float().div(255), labels[: cfg.item_images]
         opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
         for epoch in range(cfg.item_epochs):
-            for b in engine.progress(batches(len(x), 128, seed=seed * 100 + epoch), desc="item CNN"):
+            for b in ctx.progress(batches(len(x), 128, seed=seed * 100 + epoch), desc="item CNN"):
                 loss = F.cross_entropy(net(x[b]), y[b])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
         return net.state_dict()
 
-    net.load_state_dict(cached_torch(shared_file(engine, f"items-seed{seed}.pt"), train, save=engine.is_main))
+    net.load_state_dict(ctx.shared("items", train))
     net.eval()
     out = []
     with torch.no_grad():  # features only for the images some scene uses
@@ -157,13 +155,12 @@ def item_features(cfg: ScenesConfig, seed: int, engine, pools: list[torch.Tensor
     return out
 
 
-def train_teacher(cfg: ScenesConfig, seed: int, engine, pool, scenes, val=None) -> tuple[SceneCrossEncoder, dict]:
-    """ITM (hard negatives) + ITC training until the validation target; cached under run_dir.parent so
-    every arm of this seed reuses it. `val` = (pool, scenes) of the validation split."""
+def train_teacher(cfg: ScenesConfig, seed: int, ctx, pool, scenes, val=None) -> tuple[SceneCrossEncoder, dict]:
+    """ITM (hard negatives) + ITC training until the validation target, shared by every arm of this
+    seed (`ctx.shared`). `val` = (pool, scenes) of the validation split."""
     torch.manual_seed(seed + 101)
     teacher = SceneCrossEncoder(pool.shape[-1])
-    saved = cached_torch(shared_file(engine, f"teacher-seed{seed}.pt"),
-                         lambda: _fit_teacher(cfg, seed, engine, teacher, pool, scenes, val), save=engine.is_main)
+    saved = ctx.shared("teacher", lambda: _fit_teacher(cfg, seed, ctx, teacher, pool, scenes, val))
     teacher.load_state_dict(saved["state"])
     return teacher.eval(), saved["report"]
 
@@ -284,26 +281,28 @@ def _evaluate(trainer, pool, scenes) -> tuple[dict, torch.Tensor]:
     cpu_minutes={"quick": 5, "cpu": 100, "full": 400},
     plot=plot_score_distributions,
 )
-def cprd_fmnist_scenes(cfg: ScenesConfig, arm: str, seed: int, engine) -> dict:
+def cprd_fmnist_scenes(cfg: ScenesConfig, arm: str, seed: int, ctx) -> dict:
     seed = cfg.seed_offset + seed  # the pre-declared block
-    (tr_pool, train), (va_pool, val), (te_pool, test) = _data(cfg, seed, engine)
-    teacher, teacher_report = train_teacher(cfg, seed, engine, tr_pool, train, (va_pool, val))
-    best = None
-    ckpt = engine.load_checkpoint()
+    (tr_pool, train), (va_pool, val), (te_pool, test) = _data(cfg, seed, ctx)
+    teacher, teacher_report = train_teacher(cfg, seed, ctx, tr_pool, train, (va_pool, val))
+    ckpt = ctx.load_checkpoint()
     done = dict(ckpt.get("done", {})) if ckpt is not None else {}  # finished settings survive a restart
-    for i, setting in enumerate(arm_grid(arm, cfg)):
+    grid = arm_grid(arm, cfg)
+
+    def fit(setting):
+        i = grid.index(setting)
         if i in done:
             trainer = _new_student(cfg, arm, seed, setting, tr_pool)
             trainer.load_state_dict(done[i])
-        else:
-            trainer = _train_student(cfg, arm, seed, engine, setting, teacher, tr_pool, train, tag=f"{arm}-{i}",
-                                     done=done)
-            done[i] = trainer.state_dict()
-            engine.save_checkpoint({"tag": f"{arm}-{i}-done", "trainer": done[i], "done": done})
-        val_m, _ = _evaluate(trainer, va_pool, val)
-        if best is None or val_m["RSUM"] > best[0]["RSUM"]:
-            best = (val_m, setting, trainer)
-    val_m, setting, trainer = best
+            return trainer
+        trainer = _train_student(cfg, arm, seed, ctx, setting, teacher, tr_pool, train, tag=f"{arm}-{i}", done=done)
+        done[i] = trainer.state_dict()
+        ctx.save_checkpoint({"tag": f"{arm}-{i}-done", "trainer": done[i], "done": done})
+        return trainer
+
+    setting, trainer = ctx.choose_on_validation("setting", grid, fit=fit,
+                                                score=lambda t: _evaluate(t, va_pool, val)[0]["RSUM"])
+    val_rsum = ctx.choices["setting"]["scores"][grid.index(setting)]
     out, sim = _evaluate(trainer, te_pool, test)
     rows, cols, positive = _family_pairs(test)
     t_scores = teacher.score_pairs(test.images(te_pool), test.tokens, rows, cols)
@@ -315,7 +314,7 @@ def cprd_fmnist_scenes(cfg: ScenesConfig, arm: str, seed: int, engine) -> dict:
     out |= {k: v for k, v in teacher_report.items()}
     # CxC analogue: do student and teacher order the hard negatives alike?
     out["rank_corr_teacher"] = rank_corr(s_scores[~positive], t_scores[~positive])
-    out["val_RSUM"] = val_m["RSUM"]
+    out["val_RSUM"] = val_rsum
     out["weight"] = setting["weight"]
     out["setting"] = setting_label(setting)
     out["seed_used"] = seed
@@ -329,8 +328,5 @@ def cprd_fmnist_scenes(cfg: ScenesConfig, arm: str, seed: int, engine) -> dict:
                             "positive": [bool(v) for v in positive[sample]]}
     return out
 
-
-# the WordNet experiment registers itself on import (the registry imports only this module)
-from . import experiments_wordnet  # noqa: E402,F401
 
 __all__ = ["ScenesConfig", "cprd_fmnist_scenes", "train_teacher"]

@@ -31,7 +31,6 @@ from torch import nn
 
 from ..core.config import field
 from ..core.errors import UserError
-from ..core.io import cached_torch
 from ..core.registry import register_experiment
 from ..data import load_wordnet
 from .common import (
@@ -42,7 +41,6 @@ from .common import (
     loss_for_arm,
     rank_corr,
     setting_label,
-    shared_file,
     spread_stats,
 )
 from .metrics import retrieval_metrics
@@ -159,20 +157,18 @@ def _teacher_val(enc, q_idx, g_idx, q_to_g, candidates: int = 10):
     return q_idx, g_idx[top], top == q_to_g[:, None]
 
 
-def _teacher(cfg, engine, enc, train_q, train_g, evals, texts):
+def _teacher(cfg, ctx, enc, train_q, train_g, evals, texts):
     """(pair scorer (q_idx, g_idx) -> scores, report); trained or encoded once per config."""
     if cfg.teacher == "mpnet":
         path = mpnet_path(cfg.mpnet_path)
-        emb = cached_torch(shared_file(engine, "mpnet-embeddings.pt"),
-                           lambda: encode_sentences(texts, path, cfg.mpnet_tokens,
-                                                    progress=lambda it, desc: engine.progress(it, desc=desc)),
-                           save=engine.is_main)
+        emb = ctx.shared("mpnet-embeddings", lambda: encode_sentences(
+            texts, path, cfg.mpnet_tokens, progress=lambda it, desc: ctx.progress(it, desc=desc)), per_seed=False)
         return (lambda q, g: (emb[q] * emb[g]).sum(-1)), {}
-    teacher, report = _fit_minilm_teacher(cfg, engine, enc, train_q, train_g, evals)
+    teacher, report = _fit_minilm_teacher(cfg, ctx, enc, train_q, train_g, evals)
     return (lambda q, g: score_pairs(teacher, enc, q, g)), report
 
 
-def _fit_minilm_teacher(cfg, engine, enc, train_q, train_g, evals):
+def _fit_minilm_teacher(cfg, ctx, enc, train_q, train_g, evals):
     """The fine-tuned cross-encoder, trained once per config (every arm and seed shares it)."""
     teacher = MiniLMCrossEncoder(minilm_joint_layers(cfg.teacher_joint_layers, cfg.model_path))
 
@@ -182,10 +178,10 @@ def _fit_minilm_teacher(cfg, engine, enc, train_q, train_g, evals):
             teacher, enc, train_q, train_g, _teacher_val(enc, *evals["val"]), steps=cfg.teacher_steps,
             queries=cfg.teacher_queries, negatives=cfg.teacher_negatives, pool=cfg.teacher_pool,
             lr=cfg.teacher_lr, encoder_lr=cfg.teacher_encoder_lr, eval_every=cfg.teacher_eval_every, seed=202,
-            progress=lambda it, desc: engine.progress(it, desc=desc))
+            progress=lambda it, desc: ctx.progress(it, desc=desc))
         return {"state": teacher.state_dict(), "report": report}
 
-    saved = cached_torch(shared_file(engine, "teacher.pt"), train, save=engine.is_main)
+    saved = ctx.shared("teacher", train, per_seed=False)
     teacher.load_state_dict(saved["state"])
     return teacher.eval(), saved["report"]
 
@@ -199,15 +195,15 @@ def _partition(cfg, lexnames):
     return list(idx[:n].split(cfg.batch_size))
 
 
-def _teacher_blocks(engine, scorer, train_q, train_g, parts):
+def _teacher_blocks(ctx, scorer, train_q, train_g, parts):
     """Dense teacher scores [B, B] (gloss x query) of every fixed batch, computed once per config."""
     def compute():
         blocks = []
-        for p in engine.progress(parts, desc="teacher scores"):
+        for p in ctx.progress(parts, desc="teacher scores"):
             gi, qi = train_g[p].repeat_interleave(len(p)), train_q[p].repeat(len(p))
             blocks.append(scorer(qi, gi).reshape(len(p), len(p)))
         return torch.stack(blocks)
-    return cached_torch(shared_file(engine, "teacher-blocks.pt"), compute, save=engine.is_main)
+    return ctx.shared("teacher-blocks", compute, per_seed=False)
 
 
 def _eval(model, enc, q_idx, g_idx, q_to_g):
@@ -279,42 +275,42 @@ def teacher_advantage(scorer, em, q_idx, g_idx, q_to_g, candidates: int = 10) ->
     # CPU minutes on one thread: ~5 of encoding once, ~6 per seed for the 49 grid settings
     cpu_minutes={"quick": 3, "cpu": 35, "full": 70},
 )
-def cprd_wordnet(cfg: WordnetConfig, arm: str, seed: int, engine) -> dict:
+def cprd_wordnet(cfg: WordnetConfig, arm: str, seed: int, ctx) -> dict:
     seed = cfg.seed_offset + seed  # the pre-declared block
     texts, (train_q, train_g), (tq, tg), evals, lexnames = _texts_and_pairs(cfg)
-    enc = cached_torch(shared_file(engine, "minilm-states.pt"),
-                       lambda: encode_minilm(texts, cfg.max_tokens, cfg.teacher_joint_layers, cfg.model_path),
-                       save=engine.is_main)
+    enc = ctx.shared("minilm-states", lambda: encode_minilm(texts, cfg.max_tokens, cfg.teacher_joint_layers,
+                                                            cfg.model_path), per_seed=False)
     em = enc[2]
-    scorer, teacher_report = _teacher(cfg, engine, enc, tq, tg, evals, texts)
+    scorer, teacher_report = _teacher(cfg, ctx, enc, tq, tg, evals, texts)
     adv = teacher_advantage(scorer, em, *evals["val"])
     if arm != "infonce" and cfg.require_teacher_advantage and adv["teacher_adv"] <= 0:
         raise UserError(f"the {cfg.teacher} teacher does not beat the student on validation (re-rank R@1 "
                         f"{adv['teacher_val_rerank_R@1']:.1f} vs {adv['student_val_R@1']:.1f}); distillation arms "
                         "are not run. Use a stronger teacher, or set require_teacher_advantage=false")
     parts = _partition(cfg, lexnames)
-    blocks = _teacher_blocks(engine, scorer, train_q, train_g, parts)
-    best = None
-    for setting in arm_grid(arm, cfg):
+    blocks = _teacher_blocks(ctx, scorer, train_q, train_g, parts)
+
+    def fit(setting):
         torch.manual_seed(seed + 7)
         model = DualEncoder(ResidualHead(em.shape[1]), ResidualHead(em.shape[1]), init_tau=0.05)
         trainer = DualEncoderTrainer(model, loss_for_arm(arm, cfg, setting), lr=cfg.lr)
         for epoch in range(cfg.epochs):
             perm = torch.randperm(len(parts), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-            for b in engine.progress(perm.tolist(), desc=f"{arm} {setting_label(setting)} epoch {epoch + 1}"):
+            for b in ctx.progress(perm.tolist(), desc=f"{arm} {setting_label(setting)} epoch {epoch + 1}"):
                 p = parts[b]
                 block = blocks[b]
                 trainer.teacher = lambda _g, _q, r, c, blk=block: blk[r, c]
                 trainer.update(em[train_g[p]], em[train_q[p]])
-        val_m, _ = _eval(model, enc, *evals["val"])
-        if best is None or val_m["RSUM"] > best[0]["RSUM"]:
-            best = (val_m, setting, model)
-    val_m, setting, model = best
+        return model
+
+    grid = arm_grid(arm, cfg)
+    setting, model = ctx.choose_on_validation("setting", grid, fit=fit,
+                                              score=lambda m: _eval(m, enc, *evals["val"])[0]["RSUM"])
     q_idx, g_idx, q_to_g = evals["test"]
     out, sim = _eval(model, enc, q_idx, g_idx, q_to_g)
     zero = retrieval_metrics(em[g_idx] @ em[q_idx].t(), q_to_g)
     out["zero_shot_RSUM"] = zero["RSUM"]
-    out["val_RSUM"] = val_m["RSUM"]
+    out["val_RSUM"] = ctx.choices["setting"]["scores"][grid.index(setting)]
     out["weight"] = setting["weight"]
     out["setting"] = setting_label(setting)
     out["seed_used"] = seed

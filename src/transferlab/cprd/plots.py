@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..core.io import atomic_write_text
+from ..core.registry import Figures
+
+if TYPE_CHECKING:  # the experiment modules import this one
+    from .experiments import ScenesConfig
+    from .experiments_wordnet import WordnetConfig
 
 
 def _mean(xs):
@@ -12,8 +17,8 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def plot_score_distributions(rows: list[dict], cfg: dict, out_dir) -> list[str]:
-    """Histogram of teacher ITM probabilities vs student cosines on test (caption, family scene) pairs."""
+def plot_score_distributions(rows: list[dict], cfg: ScenesConfig | WordnetConfig, out_dir) -> Figures:
+    """Histogram of teacher vs student scores on test pairs, and notes on teacher quality and spread."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,5 +68,4 @@ def plot_score_distributions(rows: list[dict], cfg: dict, out_dir) -> list[str]:
                 f"{_mean([x.get('teacher_prob_iqr') for x in mm]):.3f} vs student-cosine IQR "
                 f"{_mean([x.get('student_cos_iqr') for x in mm]):.3f}, "
                 f"chosen λ {sorted({x.get('weight') for x in mm})}")
-    atomic_write_text(out_dir / "notes.md", "\n".join(lines) + "\n")
-    return paths
+    return Figures(paths, "\n".join(lines) + "\n")

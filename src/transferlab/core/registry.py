@@ -78,9 +78,11 @@ class Experiment:
             return metric not in self.lower_is_better
         return not any(w in metric.lower() for w in ("fid", "loss", "mse", "forgetting", "error", "_s"))
 
+    primary: str | None = None  # the metric the paper's claim is about (default: the first of `metrics`)
+
     @property
     def primary_metric(self) -> str:
-        return self.metrics[0]
+        return self.primary or self.metrics[0]
 
     @property
     def headline_metrics(self) -> tuple[str, ...]:
@@ -115,7 +117,7 @@ _loaded = False
 
 
 def register_experiment(name, *, config, reference, metrics, description, profiles, plot=None, method=None,
-                        headline=(), cpu_minutes=None, lower_is_better=None, extra_arms=()):
+                        headline=(), cpu_minutes=None, lower_is_better=None, extra_arms=(), primary=None):
     names = {f.name for f in dataclasses.fields(config)}
     missing = {"arms", "seeds"} - names
     if missing:
@@ -123,13 +125,16 @@ def register_experiment(name, *, config, reference, metrics, description, profil
     if "quick" not in profiles or "full" not in profiles:
         raise TypeError(f"experiment {name!r} must define 'quick' and 'full' profiles")
 
+    if primary is not None and primary not in metrics:
+        raise TypeError(f"experiment {name!r}: primary metric {primary!r} is not one of its metrics {metrics}")
+
     def deco(fn):
         if name in _EXPERIMENTS and _EXPERIMENTS[name].fn.__qualname__ != fn.__qualname__:
             raise TypeError(f"experiment name {name!r} is registered twice")
         _EXPERIMENTS[name] = Experiment(name, fn, config, reference, tuple(metrics), description, profiles, plot,
                                         method, tuple(headline), cpu_minutes,
                                         None if lower_is_better is None else tuple(lower_is_better),
-                                        tuple(extra_arms))
+                                        tuple(extra_arms), primary)
         return fn
 
     return deco

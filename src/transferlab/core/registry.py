@@ -67,6 +67,7 @@ class Experiment:
     cpu_minutes: dict | None = None  # estimated single-machine CPU minutes per profile, for `transferlab list`
     lower_is_better: tuple[str, ...] | None = None  # metrics where smaller is better (default: by name)
     extra_arms: tuple[str, ...] = ()  # arms that exist but are not run by default (`--set arms=...` adds them)
+    primary: str | None = None  # the metric the paper's claim is about (default: the first of `metrics`)
 
     @property
     def known_arms(self) -> tuple[str, ...]:
@@ -77,8 +78,6 @@ class Experiment:
         if self.lower_is_better is not None:
             return metric not in self.lower_is_better
         return not any(w in metric.lower() for w in ("fid", "loss", "mse", "forgetting", "error", "_s"))
-
-    primary: str | None = None  # the metric the paper's claim is about (default: the first of `metrics`)
 
     @property
     def primary_metric(self) -> str:

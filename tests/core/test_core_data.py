@@ -90,3 +90,35 @@ def test_per_class_indices_are_disjoint_balanced_and_refuse_too_many():
     assert len(per_class_indices(y, [0], None, torch.Generator().manual_seed(0))) == 10
     with pytest.raises(UserError, match="fewer than the 11"):
         per_class_indices(y, [0], 11, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", ["clean", "noise", "blur", "contrast", "inversion", "tint", "speckle", "pixelate",
+                                  "brightness", "rot60"])
+def test_corrupt_gives_three_channel_images_in_range_drawn_from_the_generator_only(kind):
+    import torch
+
+    from transferlab.data.image_ops import corrupt, domain_transform, rotate
+
+    x = torch.rand(6, 1, 28, 28)
+    a = corrupt(x, kind, torch.Generator().manual_seed(1))
+    assert a.shape == (6, 3, 28, 28) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, corrupt(x, kind, torch.Generator().manual_seed(1)))
+    if kind not in ("clean", "rot60"):  # the severities come from the generator
+        assert not torch.equal(a, corrupt(x, kind, torch.Generator().manual_seed(2)))
+    if kind == "rot60":
+        assert torch.equal(a, rotate(x, 60.0).expand(-1, 3, -1, -1))
+    assert torch.equal(domain_transform("corrupted", kind, x, torch.Generator().manual_seed(1)), a)
+
+
+def test_domain_transform_rotates_the_rotated_family_and_refuses_unknown_corruptions():
+    import torch
+
+    from transferlab.core.errors import UserError
+    from transferlab.data.image_ops import corrupt, domain_transform, rotate
+
+    x = torch.rand(2, 1, 28, 28)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(domain_transform("rotated", 30, x, g, "nearest"), rotate(x, 30, "nearest"))
+    with pytest.raises(UserError, match="unknown corruption 'fog'; choose from clean, noise") as e:
+        corrupt(x, "fog", g)
+    assert "\n" not in str(e.value)

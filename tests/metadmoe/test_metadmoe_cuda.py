@@ -8,7 +8,6 @@ from .helpers import batch, make
 pytestmark = pytest.mark.cuda
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_adapt_and_meta_step_match_cpu_on_cuda():
     cpu, gpu = make(), make().cuda()
     x, _ = batch(16)
@@ -22,7 +21,6 @@ def test_adapt_and_meta_step_match_cpu_on_cuda():
         gpu.adapt(x)  # a CPU batch for a GPU model gets a clear error
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("channels_last", [None, True])
 def test_cnn_adapt_on_cuda_matches_cpu_in_either_layout(channels_last):
     from .test_metadmoe_layout import cnn_model, images

@@ -1,10 +1,12 @@
 """Domain construction and a tiny end-to-end run of the registered experiment on the vendored data."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from transferlab.core.config import apply_overrides
 from transferlab.core.errors import UserError
 from transferlab.data import load_fashion_mnist
 from transferlab.metadmoe.domains import corrupt, make_domains, rotate, shard_indices
@@ -82,7 +84,7 @@ def test_quick_experiment_runs_end_to_end_and_resumes(tmp_path):
     meta = by_arm["metadmoe"]
     assert [c[0] for c in meta["curve_d5"]] == [2, 4] and meta["mse_before_d5"] >= 0
     assert "oracle_expert_acc_d5" in by_arm["oracle"]
-    notes = (out / "notes.md").read_text()
+    notes = (out / "section.md").read_text()  # the plot hook's notes land in the report section
     assert "Protocol and caveats" in notes and "Go/no-go" in notes
     assert (out / "table.md").exists() and (out / "expert_matrix.png").exists() and (out / "meta_curve.png").exists()
     run_experiment("metadmoe-rotated-fmnist", "quick", overrides=over, out=tmp_path, engine=engine)
@@ -92,8 +94,8 @@ def test_quick_experiment_runs_end_to_end_and_resumes(tmp_path):
 def test_erm_extra_takes_one_labeled_step_per_meta_episode(monkeypatch):
     from transferlab.metadmoe import experiments as ex
 
-    cfg = ex.MetaDMoEExperimentConfig(n_train=140, n_val=64, n_valdom=64, n_test=128, meta_epochs=2,
-                                      episodes_per_epoch=3)
+    cfg = apply_overrides(ex.MetaDMoEExperimentConfig(), {"n_train": 140, "n_val": 64, "n_valdom": 64, "n_test": 128,
+                                                          "meta_epochs": 2, "episodes_per_epoch": 3})
     m = ex._new_model(cfg, ex._method_config(cfg, "metadmoe", 1e-3))
     base = {"state": {k: v.clone() for k, v in m.state_dict().items()}}
     _, doms = make_domains("rotated", 0, 140, 64, 128)
@@ -108,8 +110,8 @@ def test_erm_extra_takes_one_labeled_step_per_meta_episode(monkeypatch):
 def test_arm_bn_trains_with_batch_statistics_and_erm_extra_in_the_meta_training_mode():
     from transferlab.metadmoe import experiments as ex
 
-    cfg = ex.MetaDMoEExperimentConfig(n_train=140, n_val=64, n_valdom=64, n_test=128, meta_epochs=1,
-                                      episodes_per_epoch=3)
+    cfg = apply_overrides(ex.MetaDMoEExperimentConfig(), {"n_train": 140, "n_val": 64, "n_valdom": 64, "n_test": 128,
+                                                          "meta_epochs": 1, "episodes_per_epoch": 3})
     m = ex._new_model(cfg, ex._method_config(cfg, "metadmoe", 1e-3))
     base = {"state": {k: v.clone() for k, v in m.state_dict().items()}}
     _, doms = make_domains("rotated", 0, 140, 64, 128)
@@ -119,3 +121,22 @@ def test_arm_bn_trains_with_batch_statistics_and_erm_extra_in_the_meta_training_
     assert torch.equal(extra.state_dict()[stats], base["state"]["student." + stats])
     arm_bn = ex._erm_extra(cfg, 0, 5, src, base, batch_stats=True)  # train mode on single-domain batches
     assert not torch.equal(arm_bn.state_dict()[stats], base["state"]["student." + stats])
+
+
+def test_the_method_config_is_nested_and_passed_to_every_arm_as_is():
+    from transferlab.core.registry import get_experiment
+    from transferlab.metadmoe import experiments as ex
+
+    exp = get_experiment("metadmoe-rotated-fmnist")
+    flat = exp.make_config("tiny", ["patience=2", "student_lr=0.01"])
+    dotted = exp.make_config("tiny", ["method.patience=2", "method.student_lr=0.01"])
+    assert flat == dotted and flat.method.patience == 2 and flat.method.student_lr == 0.01
+    assert not hasattr(flat, "patience")  # one home per field: no flat copy beside the nested one
+    mc = ex._method_config(flat, "no_mask", 3e-3)
+    assert mc == dataclasses.replace(flat.method, inner_lr=3e-3, mask_own_expert=False)
+    # a field the experiment never copied (batch size of stages 1-3) reaches the model, and re-keys the
+    # shared stages 1-3 (they read it)
+    assert ex._method_config(exp.make_config("tiny", ["batch_size=32"]), "metadmoe", 1e-3).batch_size == 32
+    assert "batch_size" in ex.BASE_METHOD_FIELDS
+    with pytest.raises(UserError, match="n_train must be at least support_size"):
+        exp.make_config("tiny", ["support_size=200"])

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import field
+from ..core.engine import rng_state, set_rng_state
 from ..core.errors import UserError
-from ..core.io import atomic_torch_save
-from ..core.registry import register_experiment
+from ..core.registry import Figures, register_experiment
 from ..nn import SmallCNN
 from . import diagnostics as dg
 from .aggregator import Aggregator
@@ -54,30 +54,20 @@ class MetaDMoEExperimentConfig:
     width: int = field(16, "SmallCNN width (experts and student share the architecture)")
     hidden: int = field(64, "SmallCNN feature size D (= aggregator dim)")
     heads: int = field(4, "aggregator attention heads (must divide hidden)")
-    support_size: int = field(64, "unlabeled target images per adaptation batch (also the meta-training support)")
-    query_size: int = field(32, "labeled query images per meta-training episode (support:query = 2:1 as the "
-                                "official Camelyon17 config, 64 of 96)")
     inner_lrs: tuple[float, ...] = field((3e-4, 1e-3, 3e-3), "candidate inner-step lrs alpha; best on the "
                                                              "validation domains (each candidate is meta-trained)")
     tent_lrs: tuple[float, ...] = field((1e-4, 1e-3, 1e-2), "candidate TENT Adam lrs; best on the validation domains")
-    student_epochs: int = field(20, "maximum ERM epochs of the student on all sources (early stopping)")
-    expert_epochs: int = field(20, "maximum epochs of each expert on its own domain (early stopping)")
-    patience: int = field(3, "early stopping of student and experts: epochs without a better validation accuracy")
-    aggregator_epochs: int = field(5, "cross-entropy pre-training epochs of the aggregator")
-    meta_epochs: int = field(4, "meta-training epochs")
-    episodes_per_epoch: int = field(250, "meta-training episodes per epoch (one source domain per episode)")
-    log_every: int = field(25, "meta-training curve resolution (episodes per point)")
-    outer_lr: float = field(1e-4, "meta-training Adam lr of the student (beta; official Camelyon17 1e-4)")
-    aggregator_meta_lr: float = field(1e-4, "meta-training Adam lr of the aggregator")
-    aggregator_lr: float = field(1e-4, "aggregator pre-training Adam lr (official 1e-6..1e-5: stays near init)")
-    expert_init: str = field("student", "[reconstructed] experts start from the ERM student ('student') or scratch")
+    method: MetaDMoEConfig = field(
+        MetaDMoEConfig(student_epochs=20, expert_epochs=20, patience=3, meta_epochs=4, episodes_per_epoch=250,
+                       query_size=32),
+        "the Meta-DMoE training procedure (MetaDMoEConfig; `--set method.x=...` or `--set x=...`). Each arm "
+        "replaces inner_lr by its candidate from inner_lrs, and the ablation arms set first_order / "
+        "mask_own_expert / teacher. Defaults here: 20 student / expert epochs with patience 3, 4 x 250 "
+        "meta-training episodes, support 64 : query 32 (2:1 as the official Camelyon17 config, 64 of 96)")
     protocol: str = field("per_domain", "test-time protocol of Meta-DMoE: 'per_domain' (official: adapt once on the "
                                         "domain's first unlabeled batch, predict the whole domain) or 'per_batch'")
     tent_mode: str = field("online", "TENT: 'online' (official: adapts across a domain's batches, reset per "
                                      "domain) or 'episodic' (reset before every batch)")
-    train_mode: str = field("eval", "student/aggregator mode in meta-training and the test-time step "
-                                    "(official 'eval'; see MetaDMoEConfig.train_mode)")
-    expert_bn: str = field("eval", "experts' BN in the test-time step: 'eval' or 'batch' (official test code)")
     selection: str = field("val_domains", "where learning rates are chosen: 'val_domains' (the family's validation "
                                           "domains, all experts) or 'source_val' (source shards, own expert masked)")
     data_path: str | None = field(None, "folder with the Fashion-MNIST IDX files (default: Debian package)")
@@ -90,7 +80,7 @@ class MetaDMoEExperimentConfig:
             raise UserError(f"held_out must list distinct domain indices in 0..5, got {self.held_out}")
         if not self.inner_lrs or not self.tent_lrs:
             raise UserError("inner_lrs and tent_lrs must each list at least one learning rate")
-        if self.n_train < self.support_size + self.query_size:
+        if self.n_train < self.method.support_size + self.method.query_size:
             raise UserError("n_train must be at least support_size + query_size (one meta-training episode)")
         if self.n_val < 2 or self.n_test < 2 or self.n_valdom < 2:
             raise UserError("n_val, n_valdom and n_test must be at least 2 (batch statistics need two images)")
@@ -98,8 +88,6 @@ class MetaDMoEExperimentConfig:
         if bad:
             raise UserError(f"unknown arm(s) {', '.join(bad)}; choose from {', '.join(ARMS)}")
         for name, value, allowed in (("protocol", self.protocol, PROTOCOLS), ("tent_mode", self.tent_mode, TENT_MODES),
-                                     ("train_mode", self.train_mode, ("eval", "train")),
-                                     ("expert_bn", self.expert_bn, ("eval", "batch")),
                                      ("selection", self.selection, ("val_domains", "source_val"))):
             if value not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -120,13 +108,8 @@ class MixedConfig(MetaDMoEExperimentConfig):
 
 
 def _method_config(cfg, variant: str, alpha: float) -> MetaDMoEConfig:
-    base = MetaDMoEConfig(
-        inner_lr=alpha, student_epochs=cfg.student_epochs, expert_epochs=cfg.expert_epochs, patience=cfg.patience,
-        aggregator_epochs=cfg.aggregator_epochs, aggregator_lr=cfg.aggregator_lr, meta_epochs=cfg.meta_epochs,
-        episodes_per_epoch=cfg.episodes_per_epoch, support_size=cfg.support_size, query_size=cfg.query_size,
-        outer_lr=cfg.outer_lr, aggregator_meta_lr=cfg.aggregator_meta_lr, expert_init=cfg.expert_init,
-        train_mode=cfg.train_mode, expert_bn=cfg.expert_bn, log_every=cfg.log_every)
-    return dataclasses.replace(base, **VARIANTS.get(variant, {}))
+    """The arm's MetaDMoEConfig: the experiment's, with inner lr `alpha` and the variant's overrides."""
+    return dataclasses.replace(cfg.method, inner_lr=alpha, **VARIANTS.get(variant, {}))
 
 
 def _cnn(cfg) -> SmallCNN:
@@ -144,8 +127,10 @@ def _new_model(cfg, mcfg: MetaDMoEConfig, state: dict | None = None) -> MetaDMoE
     return m
 
 
-BASE_FIELDS = ("family", "rotation_mode", "n_train", "n_val", "width", "hidden", "heads", "student_epochs",
-               "expert_epochs", "patience", "aggregator_epochs", "aggregator_lr", "expert_init", "data_path")
+BASE_FIELDS = ("family", "rotation_mode", "n_train", "n_val", "width", "hidden", "heads", "data_path")
+# the MetaDMoEConfig fields that stages 1-3 read
+BASE_METHOD_FIELDS = ("student_epochs", "student_lr", "expert_epochs", "expert_lr", "patience", "batch_size",
+                      "aggregator_epochs", "aggregator_lr", "expert_init", "teacher")
 
 
 def _base(cfg, seed, fold, sources, vals, ctx) -> dict:
@@ -159,37 +144,45 @@ def _base(cfg, seed, fold, sources, vals, ctx) -> dict:
         return {"state": {k: v.detach().cpu() for k, v in m.state_dict().items()}, "fit_log": m.fit_log}
 
     # keyed by what stages 1-3 depend on, so runs differing only in adaptation/protocol options share them
-    key = {f: getattr(cfg, f) for f in BASE_FIELDS}
-    return ctx.shared(f"base-fold{fold}", build, key={"metadmoe-base": key})
+    key = {**{f: getattr(cfg, f) for f in BASE_FIELDS}, **{f: getattr(cfg.method, f) for f in BASE_METHOD_FIELDS}}
+    # the arm continues with the same random stream whether this process builds the stages or loads them
+    rng = rng_state()
+    base = ctx.shared(f"base-fold{fold}", build, key={"metadmoe-base": key})
+    set_rng_state(rng)
+    return base
 
 
-def _meta(cfg, seed, fold, variant, alpha, sources, base, engine) -> MetaDMoE:
-    """Stage 4 of one variant, cached; per-epoch checkpoints let a killed run resume mid-training."""
+def _meta(cfg, seed, fold, variant, alpha, sources, base, ctx, run_state: dict) -> MetaDMoE:
+    """Stage 4 of one variant at inner lr `alpha`: a resumable stage of this run.
+
+    After every meta-epoch the run's checkpoint also holds the model, optimisers, history and curve
+    (under "meta"), so a killed run resumes mid-training; `run_state` is the rest of that checkpoint.
+    """
     m = _new_model(cfg, _method_config(cfg, variant, alpha), base["state"])
-    path = engine.run_dir.parent / f"meta-{variant}-a{alpha:g}-seed{seed}-fold{fold}.pt"
-    if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        m.load_state_dict(blob["model"])
-        m.history, m.curve = blob["history"], blob["curve"]
-        return m
-    partial = path.with_suffix(".partial")
-    start, opts = 0, None
-    if partial.exists():  # resume: model, optimisers, history and curve of the last finished epoch
-        blob = torch.load(partial, map_location="cpu", weights_only=False)
-        m.load_state_dict(blob["model"])
-        m.history, m.curve, start = blob["history"], blob["curve"], blob["epoch"]
-        opts = m.meta_optimizers(m.config.lr_decay ** start)
-        for o, s in zip(opts, blob["opts"]):
-            o.load_state_dict(s)
+    tag = f"meta-{variant}-a{alpha:g}-fold{fold}"
 
-    def save(epoch, optimizers):
-        atomic_torch_save({"model": m.state_dict(), "history": m.history, "curve": m.curve, "epoch": epoch + 1,
-                           "opts": [o.state_dict() for o in optimizers]}, partial)
+    def train() -> dict:
+        start, opts = 0, None
+        partial = run_state.get("meta")
+        if partial is not None and partial["tag"] == tag:  # resume after the last finished epoch
+            m.load_state_dict(partial["model"])
+            m.history, m.curve, start = partial["history"], partial["curve"], partial["epoch"]
+            opts = m.meta_optimizers(m.config.lr_decay ** start)
+            for o, st in zip(opts, partial["opts"]):
+                o.load_state_dict(st)
 
-    m.meta_train(sources, seed=seed + 1000 * fold, progress=engine.progress, start_epoch=start, optimizers=opts,
-                 on_epoch_end=save)
-    atomic_torch_save({"model": m.state_dict(), "history": m.history, "curve": m.curve}, path)
-    partial.unlink(missing_ok=True)
+        def save(epoch, optimizers):
+            ctx.save_checkpoint({**run_state, "meta": {
+                "tag": tag, "model": m.state_dict(), "history": m.history, "curve": m.curve, "epoch": epoch + 1,
+                "opts": [o.state_dict() for o in optimizers]}})
+
+        m.meta_train(sources, seed=seed + 1000 * fold, progress=ctx.progress, start_epoch=start, optimizers=opts,
+                     on_epoch_end=save)
+        return {"model": m.state_dict(), "history": m.history, "curve": m.curve}
+
+    blob = ctx.stage(tag, train)
+    m.load_state_dict(blob["model"])  # (after training: the model's own weights, a no-op copy)
+    m.history, m.curve = blob["history"], blob["curve"]
     return m
 
 
@@ -226,16 +219,14 @@ def _oracle_expert(cfg, seed, fold, domains, base) -> torch.nn.Module:
     return oracle.experts[0].eval()
 
 
-def _choose(ctx, name, scorer, candidates, sel_sets) -> tuple:
-    """Best candidate by mean accuracy over the selection sets; ties go to the first listed.
+def _choose(ctx, name, candidates, fit, scorer, sel_sets) -> tuple:
+    """(best candidate, its fitted object, {candidate: score}): best mean accuracy over the selection sets.
 
-    The choice is recorded in the run's results line ("choices") when the runner's context can.
+    Ties go to the first listed; the candidates and scores are recorded in the run's results line.
     """
-    scored = {c: sum(scorer(c, d, x, y) for d, (x, y) in sel_sets) / len(sel_sets) for c in candidates}
-    best = max(scored, key=lambda c: scored[c])
-    if hasattr(ctx, "record_choice"):
-        ctx.record_choice(name, list(scored), list(scored.values()), best)
-    return best, scored
+    best, fitted = ctx.choose_on_validation(
+        name, candidates, fit=fit, score=lambda f: sum(scorer(f, d, x, y) for d, (x, y) in sel_sets) / len(sel_sets))
+    return best, fitted, dict(zip(candidates, ctx.choices[name]["scores"]))
 
 
 def _base_diagnostics(cfg, fold, m: MetaDMoE, domains, src, fit_log) -> dict:
@@ -253,14 +244,14 @@ def _base_diagnostics(cfg, fold, m: MetaDMoE, domains, src, fit_log) -> dict:
     return out
 
 
-def run_fold(cfg, arm: str, seed: int, fold: int, domains, valdoms, engine) -> dict:
+def run_fold(cfg, arm: str, seed: int, fold: int, domains, valdoms, ctx, run_state: dict) -> dict:
     """Held-out accuracy of one arm on domain `fold`, its diagnostics, and what was chosen on validation."""
     src = [d for d in range(6) if d != fold]
     sources = [domains[d][0] for d in src]
     vals = [domains[d][1] for d in src]
     xt, yt = domains[fold][2]
-    base = _base(cfg, seed, fold, sources, vals, engine)
-    bs = cfg.support_size
+    base = _base(cfg, seed, fold, sources, vals, ctx)
+    bs = cfg.method.support_size
     # selection sets: (masked source index or None, (x, y)); the held-out domain is never among them
     sel = ([(None, xy) for xy in valdoms] if cfg.selection == "val_domains"
            else [(i, xy) for i, xy in enumerate(vals)])
@@ -280,9 +271,8 @@ def run_fold(cfg, arm: str, seed: int, fold: int, domains, valdoms, engine) -> d
         elif arm in ("bn_adapt", "arm_bn"):
             acc = bn_adapt_accuracy(student, xt, yt, bs)
         else:
-            lr, scored = _choose(engine, f"tent_lr_d{fold}",
-                                 lambda c, d, x, y: tent_accuracy(student, x, y, bs, c, cfg.tent_mode),
-                                 cfg.tent_lrs, sel)
+            lr, _, scored = _choose(ctx, f"tent_lr_d{fold}", cfg.tent_lrs, lambda c: c,
+                                    lambda c, d, x, y: tent_accuracy(student, x, y, bs, c, cfg.tent_mode), sel)
             acc = tent_accuracy(student, xt, yt, bs, lr, cfg.tent_mode)
             out.update({f"lr_d{fold}": lr, f"val_acc_d{fold}": 100 * scored[lr],
                         **{f"val_acc_d{fold}_lr{k:g}": 100 * v for k, v in scored.items()}})
@@ -298,23 +288,25 @@ def run_fold(cfg, arm: str, seed: int, fold: int, domains, valdoms, engine) -> d
             with torch.no_grad():
                 return oracle.features(xb)
 
-    models = {a: plain("metadmoe", a) if arm in ("adapt_no_meta", "oracle") else
-              _meta(cfg, seed, fold, arm, a, sources, base, engine) for a in cfg.inner_lrs}
+    def model(alpha):
+        if arm in ("adapt_no_meta", "oracle"):
+            return plain("metadmoe", alpha)
+        return _meta(cfg, seed, fold, arm, alpha, sources, base, ctx, run_state)
 
-    def score(alpha, d, x, y):
-        excl = None if d is None else models[alpha].expert_of(d)
-        return metadmoe_accuracy(models[alpha], x, y, bs, cfg.protocol, excl)[0]
+    def score(m, d, x, y):
+        return metadmoe_accuracy(m, x, y, bs, cfg.protocol, None if d is None else m.expert_of(d))[0]
 
-    if arm == "oracle":
-        sel_test = {a: metadmoe_accuracy(models[a], xt, yt, bs, cfg.protocol, target_fn=target_fn) for a in models}
+    if arm == "oracle":  # the target's own test data picks the lr: an upper bound, not recorded as a choice
+        sel_test = {a: metadmoe_accuracy(model(a), xt, yt, bs, cfg.protocol, target_fn=target_fn)
+                    for a in cfg.inner_lrs}
         best = max(sel_test, key=lambda a: sel_test[a][0])
         acc, mse = sel_test[best]
+        m = None
     else:
-        best, scored = _choose(engine, f"inner_lr_d{fold}", score, cfg.inner_lrs, sel)
-        acc, mse = metadmoe_accuracy(models[best], xt, yt, bs, cfg.protocol)
+        best, m, scored = _choose(ctx, f"inner_lr_d{fold}", cfg.inner_lrs, model, score, sel)
+        acc, mse = metadmoe_accuracy(m, xt, yt, bs, cfg.protocol)
         out.update({f"val_acc_d{fold}": 100 * scored[best],
                     **{f"val_acc_d{fold}_lr{k:g}": 100 * v for k, v in scored.items()}})
-    m = models[best]
     out.update({f"acc_d{fold}": 100 * acc, f"lr_d{fold}": best, f"mse_before_d{fold}": mse["before"],
                 f"mse_after_d{fold}": mse["after"]})
     if arm in VARIANTS:  # control: the meta-trained student without its step; and what its teacher knows
@@ -331,19 +323,22 @@ AVERAGED = ("acc", "acc_noadapt", "ensemble_acc", "teacher_acc", "teacher_shead_
             "mse_teacher", "oracle_expert_acc")
 
 
-def _run(cfg, arm: str, seed: int, engine) -> dict:
+def _run(cfg, arm: str, seed: int, ctx) -> dict:
     names, domains, valdoms = make_domains(cfg.family, seed, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_path,
                                            cfg.rotation_mode, n_valdom=cfg.n_valdom)
     valdoms = [xy for _, xy in valdoms]
-    ckpt = engine.load_checkpoint() or {"metrics": {}, "folds": []}
-    metrics = ckpt["metrics"]
+    ckpt = ctx.load_checkpoint() or {"metrics": {}, "folds": []}
+    metrics, folds = ckpt["metrics"], ckpt["folds"]
     for fold in cfg.held_out:
-        if fold in ckpt["folds"]:
+        if fold in folds:
             continue  # finished before an interruption
-        engine.print0(f"  fold {fold} (held out: {names[fold]})")
-        metrics.update(run_fold(cfg, arm, seed, fold, domains, valdoms, engine))
-        ckpt["folds"].append(fold)
-        engine.save_checkpoint({"metrics": metrics, "folds": ckpt["folds"]})
+        ctx.print0(f"  fold {fold} (held out: {names[fold]})")
+        run_state = {"metrics": metrics, "folds": folds}
+        if "meta" in ckpt:  # a meta-training interrupted in this fold
+            run_state["meta"] = ckpt.pop("meta")
+        metrics.update(run_fold(cfg, arm, seed, fold, domains, valdoms, ctx, run_state))
+        folds.append(fold)
+        ctx.save_checkpoint({"metrics": metrics, "folds": folds})
     for key in AVERAGED:
         vals = [metrics[f"{key}_d{d}"] for d in cfg.held_out if f"{key}_d{d}" in metrics]
         if len(vals) == len(cfg.held_out):
@@ -351,7 +346,7 @@ def _run(cfg, arm: str, seed: int, engine) -> dict:
     return metrics
 
 
-def _plot(rows, cfg: dict, out_dir):
+def _plot(rows, cfg: MetaDMoEExperimentConfig, out_dir) -> Figures:
     from .plots import plot_results
 
     return plot_results(rows, cfg, out_dir)
@@ -360,18 +355,31 @@ def _plot(rows, cfg: dict, out_dir):
 METRICS = ("acc_avg",) + tuple(f"acc_d{d}" for d in range(6)) + (
     "acc_noadapt_avg", "ensemble_acc_avg", "teacher_acc_avg", "teacher_shead_acc_avg", "mse_before_avg",
     "mse_after_avg")
-# quick (the demo and the tests' sizes): 2 of 6 folds, 1 seed, short training, one inner lr
+
+def _method(**fields) -> dict:
+    """Profile overrides of the nested MetaDMoEConfig, as `method.<field>` keys."""
+    return {f"method.{k}": v for k, v in fields.items()}
+
+
+# tiny (the conformance tests): one fold, a few images and steps, two candidates per lr choice
+TINY = {"seeds": 1, "held_out": (5,), "n_train": 140, "n_val": 64, "n_valdom": 64, "n_test": 128,
+        "inner_lrs": (1e-3, 1e-2), "tent_lrs": (1e-3, 1e-2),
+        **_method(student_epochs=3, expert_epochs=2, patience=1, aggregator_epochs=1, meta_epochs=2,
+                  episodes_per_epoch=3, log_every=3)}
+# quick (the demo): 2 of 6 folds, 1 seed, short training, one inner lr
 QUICK = {"seeds": 1, "held_out": (0, 5), "n_train": 600, "n_val": 128, "n_valdom": 128, "n_test": 512,
-         "student_epochs": 2, "expert_epochs": 1, "patience": 0, "aggregator_epochs": 3, "meta_epochs": 1,
-         "episodes_per_epoch": 40, "log_every": 10, "inner_lrs": (1e-3,), "tent_lrs": (1e-3,)}
+         "inner_lrs": (1e-3,), "tent_lrs": (1e-3,),
+         **_method(student_epochs=2, expert_epochs=1, patience=0, aggregator_epochs=3, meta_epochs=1,
+                   episodes_per_epoch=40, log_every=10)}
 # cpu: sized for <= 2 h with --jobs 2 on 2 cores (docs/metadmoe.md gives the measured cost per (arm, seed))
 CPU = {"seeds": 5, "held_out": (0, 3, 5), "n_train": 1500, "n_val": 256, "n_valdom": 256, "n_test": 1024,
-       "student_epochs": 12, "expert_epochs": 12, "patience": 2, "aggregator_epochs": 3, "meta_epochs": 3,
-       "episodes_per_epoch": 150, "inner_lrs": (3e-4, 1e-3, 3e-3), "tent_lrs": (1e-4, 1e-3, 1e-2)}
+       "inner_lrs": (3e-4, 1e-3, 3e-3), "tent_lrs": (1e-4, 1e-3, 1e-2),
+       **_method(student_epochs=12, expert_epochs=12, patience=2, aggregator_epochs=3, meta_epochs=3,
+                 episodes_per_epoch=150)}
 FULL = {"seeds": 5}
 # measured process CPU time, one thread (docs/metadmoe.md): quick 71 s; cpu ~670 s per (seed, fold) over all arms
 CPU_MINUTES = {"quick": 1.2, "cpu": 170}
-PROFILES = {"quick": QUICK, "cpu": CPU, "full": FULL}
+PROFILES = {"tiny": TINY, "quick": QUICK, "cpu": CPU, "full": FULL}
 
 
 def _register(name: str, config, what: str):
@@ -379,8 +387,8 @@ def _register(name: str, config, what: str):
         name, config=config, reference="erm", metrics=METRICS, profiles=PROFILES, plot=_plot, method="metadmoe",
         headline=("acc_avg", "acc_noadapt_avg", "teacher_shead_acc_avg"), cpu_minutes=CPU_MINUTES,
         description=f"Meta-DMoE test-time adaptation on held-out {what} of Fashion-MNIST vs ERM, BN-adapt, TENT")
-    def experiment(cfg, arm, seed, engine):
-        return _run(cfg, arm, seed, engine)
+    def experiment(cfg, arm, seed, ctx):
+        return _run(cfg, arm, seed, ctx)
 
     return experiment
 

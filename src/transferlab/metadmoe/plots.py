@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..core.io import atomic_write_text
+from ..core.registry import Figures
 from ..core.stats import fmt_ci, mean_ci
 from .domains import FAMILIES, VAL_DOMAINS
+
+if TYPE_CHECKING:
+    from .experiments import MetaDMoEExperimentConfig
 
 META_ARMS = ("metadmoe", "no_mask", "first_order", "avg_experts")
 
@@ -60,25 +64,25 @@ def _controls(rows: list[dict], folds) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _notes(cfg: dict, seeds_done: int) -> str:
-    names = FAMILIES[cfg["family"]]
-    held = ", ".join(f"d{d} = {names[d]}" for d in cfg["held_out"])
-    sel = (f"the validation domains {list(VAL_DOMAINS[cfg['family']])} (never sources, never test folds)"
-           if cfg.get("selection", "val_domains") == "val_domains" else "source validation shards, own expert masked")
+def _notes(cfg: MetaDMoEExperimentConfig, seeds_done: int) -> str:
+    names, mc = FAMILIES[cfg.family], cfg.method
+    held = ", ".join(f"d{d} = {names[d]}" for d in cfg.held_out)
+    sel = (f"the validation domains {list(VAL_DOMAINS[cfg.family])} (never sources, never test folds)"
+           if cfg.selection == "val_domains" else "source validation shards, own expert masked")
     lines = [
         "### Protocol and caveats (Meta-DMoE)",
         f"- Held-out domains in this run: {held}"
-        + ("" if len(cfg["held_out"]) == 6 else " — **a subset of the six folds**; acc_avg averages only these."),
-        f"- {cfg['n_train']} training + {cfg['n_val']} validation images per domain, {cfg['n_valdom']} per validation "
-        f"domain, {cfg['n_test']} test images of the held-out domain; {seeds_done} of {cfg['seeds']} seed(s) finished.",
-        f"- Student and experts: at most {cfg['student_epochs']} / {cfg['expert_epochs']} epochs, early stopping "
-        f"with patience {cfg['patience']} on source / own-domain validation (0 = fixed epochs). Meta-training "
-        f"{cfg['meta_epochs']} x {cfg['episodes_per_epoch']} episodes, support {cfg['support_size']} + query "
-        f"{cfg['query_size']}, one source domain per episode, student/aggregator in {cfg['train_mode']} mode.",
-        f"- Test protocol: Meta-DMoE `{cfg['protocol']}` (per_domain = adapt once on the first unlabeled batch of "
-        f"{cfg['support_size']} images, predict the whole domain; official), experts' BN `{cfg['expert_bn']}`; "
-        f"TENT `{cfg['tent_mode']}`; BN-adapt normalises each batch with its own statistics.",
-        f"- Learning rates (inner lr from {list(cfg['inner_lrs'])}, TENT lr from {list(cfg['tent_lrs'])}) chosen on "
+        + ("" if len(cfg.held_out) == 6 else " — **a subset of the six folds**; acc_avg averages only these."),
+        f"- {cfg.n_train} training + {cfg.n_val} validation images per domain, {cfg.n_valdom} per validation "
+        f"domain, {cfg.n_test} test images of the held-out domain; {seeds_done} of {cfg.seeds} seed(s) finished.",
+        f"- Student and experts: at most {mc.student_epochs} / {mc.expert_epochs} epochs, early stopping "
+        f"with patience {mc.patience} on source / own-domain validation (0 = fixed epochs). Meta-training "
+        f"{mc.meta_epochs} x {mc.episodes_per_epoch} episodes, support {mc.support_size} + query "
+        f"{mc.query_size}, one source domain per episode, student/aggregator in {mc.train_mode} mode.",
+        f"- Test protocol: Meta-DMoE `{cfg.protocol}` (per_domain = adapt once on the first unlabeled batch of "
+        f"{mc.support_size} images, predict the whole domain; official), experts' BN `{mc.expert_bn}`; "
+        f"TENT `{cfg.tent_mode}`; BN-adapt normalises each batch with its own statistics.",
+        f"- Learning rates (inner lr from {list(cfg.inner_lrs)}, TENT lr from {list(cfg.tent_lrs)}) chosen on "
         f"{sel}; chosen values are lr_d<k> in results.jsonl.",
         "- erm_extra = the ERM student plus as many labeled Adam steps (query batches, outer lr) as meta-training "
         "has episodes; arm_bn = the same steps with BN in train mode on single-domain batches, tested "
@@ -88,7 +92,7 @@ def _notes(cfg: dict, seeds_done: int) -> str:
         "(experts' mean logits), teacher_acc (aggregator feature + aggregator head), teacher_shead_acc (through "
         "the student's head), mse_before/after (student-teacher feature MSE around the step), curve_d<k>.",
         "- [reconstructed] experts start from the ERM student (`expert_init=student`); small CNNs (D = "
-        f"{cfg['hidden']}) instead of ResNet-50/DenseNet-121. A mechanism check at CPU scale, not the paper's WILDS.",
+        f"{cfg.hidden}) instead of ResNet-50/DenseNet-121. A mechanism check at CPU scale, not the paper's WILDS.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -99,7 +103,7 @@ def _heatmap(rows, cfg, plt, path):
 
     tot, cnt = np.zeros((6, 6)), np.zeros((6, 6))
     for r in rows:
-        for f in cfg["held_out"]:
+        for f in cfg.held_out:
             mat, doms = r["metrics"].get(f"expert_matrix_d{f}"), r["metrics"].get(f"expert_domains_d{f}")
             if mat is None:
                 continue
@@ -109,7 +113,7 @@ def _heatmap(rows, cfg, plt, path):
     if not cnt.any():
         return None
     mean = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
-    names = [str(n) for n in FAMILIES[cfg["family"]]]
+    names = [str(n) for n in FAMILIES[cfg.family]]
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     im = ax.imshow(mean, cmap="viridis")
     for i in range(6):
@@ -130,7 +134,7 @@ def _heatmap(rows, cfg, plt, path):
 def _curve(rows, cfg, plt, path):
     """Meta-training query loss before/after the step, mean over folds and seeds (metadmoe arm)."""
     curves = [r["metrics"][f"curve_d{f}"] for r in rows if r["arm"] == "metadmoe"
-              for f in cfg["held_out"] if r["metrics"].get(f"curve_d{f}")]
+              for f in cfg.held_out if r["metrics"].get(f"curve_d{f}")]
     if not curves:
         return None
     n = min(len(c) for c in curves)
@@ -147,17 +151,18 @@ def _curve(rows, cfg, plt, path):
     return path
 
 
-def plot_results(rows: list[dict], cfg: dict, out_dir) -> list[Path]:
+def plot_results(rows: list[dict], cfg: MetaDMoEExperimentConfig, out_dir) -> Figures:
+    """Per-domain accuracy, the expert x domain heatmap and the meta-training curve, with the notes."""
     out_dir = Path(out_dir)
     seeds_done = len({r["seed"] for r in rows})
-    atomic_write_text(out_dir / "notes.md", _notes(cfg, seeds_done) + _controls(rows, list(cfg["held_out"])))
+    notes = _notes(cfg, seeds_done) + _controls(rows, list(cfg.held_out))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folds = list(cfg["held_out"])
-    arms = [a for a in cfg["arms"] if any(r["arm"] == a for r in rows)]
+    folds = list(cfg.held_out)
+    arms = [a for a in cfg.arms if any(r["arm"] == a for r in rows)]
     fig, ax = plt.subplots(figsize=(7, 4))
     for arm in arms:
         means = []
@@ -165,7 +170,7 @@ def plot_results(rows: list[dict], cfg: dict, out_dir) -> list[Path]:
             vals = [r["metrics"][f"acc_d{d}"] for r in rows if r["arm"] == arm and f"acc_d{d}" in r["metrics"]]
             means.append(sum(vals) / len(vals) if vals else float("nan"))
         ax.plot(range(len(folds)), means, marker="o", label=arm)
-    names = FAMILIES[cfg["family"]]
+    names = FAMILIES[cfg.family]
     ax.set_xticks(range(len(folds)), [str(names[d]) for d in folds])
     ax.set_xlabel("held-out domain")
     ax.set_ylabel("test accuracy (%), mean over seeds")
@@ -178,4 +183,4 @@ def plot_results(rows: list[dict], cfg: dict, out_dir) -> list[Path]:
         p = fn(rows, cfg, plt, out_dir / name)
         if p is not None:
             paths.append(p)
-    return paths
+    return Figures(paths, notes)

@@ -1,9 +1,12 @@
 """`kind-fmnist` end to end on the vendored Fashion-MNIST subset, at toy size (checks plumbing, not quality)."""
 
+import dataclasses
 import json
 
 import torch
 
+from transferlab.core.config import apply_overrides, config_from_dict
+from transferlab.core.context import RunContext
 from transferlab.core.engine import Engine
 from transferlab.core.runner import run_experiment
 from transferlab.kind.experiments import build_arm
@@ -34,31 +37,65 @@ def test_kind_fmnist_runs_and_writes_table_grid_and_notes(tmp_path):
     assert by_arm["svdiff"]["trainable_params"] < by_arm["kind"]["trainable_params"]
     assert by_arm["gated_lora_paper"]["trainable_params"] < by_arm["lora"]["trainable_params"]
     assert all("fmnist_fid_g2" in m and "heldout_mse" in m for m in by_arm.values())  # both guidance tables
+    assert all(r["choices"]["lr_tailor_init_scale"]["chosen"][0] == r["metrics"]["lr"] for r in rows)
     assert (out / "samples.png").exists() and (out / "table.md").exists()
-    notes = (out / "notes.md").read_text()
+    notes = (out / "section.md").read_text()  # the plot hook's notes land in the report section
     assert "NOT yet meaningful" in notes and "not** FID" in notes
 
 
-def test_few_shot_and_all_images_share_the_pretrained_models(tmp_path, monkeypatch):
+def test_arms_and_transfer_settings_share_the_pretrained_model(tmp_path, monkeypatch):
     import transferlab.kind.experiments as E
 
     calls = []
     real_fit = E.fit
     monkeypatch.setattr(E, "fit", lambda *a, **k: (calls.append(k["steps"]), real_fit(*a, **k))[1])
-    over = {**TINY, "arms": ("kind",), "lrs": (1e-3,), "pretrain_steps": 4}
-    for name in ("kind-fmnist", "kind-fmnist-all"):
-        run_experiment(name, "quick", seeds=1, overrides=over, out=tmp_path, engine=Engine("cpu", threads=1))
-    # one pre-training (4 steps) for both experiments, then one transfer (3 steps) each
+    over = {**TINY, "arms": ("lora", "svdiff"), "lrs": (1e-3,), "pretrain_steps": 4}
+    run_experiment("kind-fmnist", "quick", seeds=1, overrides=over, out=tmp_path, engine=Engine("cpu", threads=1))
+    # one dense pre-training (4 steps) for both arms, then one transfer (3 steps) each
     assert calls == [4, 3, 3]
-    assert [p.name for p in (tmp_path / "kind-pretrained").glob("*/*.pt")] == ["kind-seed0.pt"]
+    # another transfer data size is another config, but not another pre-training
+    run_experiment("kind-fmnist", "quick", seeds=1, overrides={**over, "target_per_class": 12, "arms": ("lora",)},
+                   out=tmp_path, engine=Engine("cpu", threads=1))
+    assert calls == [4, 3, 3, 3]
+    assert [p.name for p in (tmp_path / "kind-fmnist" / "shared").glob("*/pretrained-*.pt")] == \
+        ["pretrained-dense-seed0.pt"]
+
+
+def test_an_arm_gets_the_same_metrics_whether_it_trains_the_shared_model_or_loads_it(tmp_path):
+    import shutil
+
+    over = {**TINY, "arms": ("kind",), "lrs": (1e-3,)}
+    out = run_experiment("kind-fmnist", "quick", seeds=1, overrides=over, out=tmp_path,
+                         engine=Engine("cpu", threads=1))
+    built = json.loads((out / "results.jsonl").read_text())["metrics"]
+    (out / "results.jsonl").unlink()
+    shutil.rmtree(out / "runs")  # the shared pre-trained model stays: this time the arm loads it
+    run_experiment("kind-fmnist", "quick", seeds=1, overrides=over, out=tmp_path, engine=Engine("cpu", threads=1))
+    assert json.loads((out / "results.jsonl").read_text())["metrics"] == built
+
+
+def test_the_method_config_is_nested_and_reaches_every_arm_as_is():
+    from transferlab.core.registry import get_experiment
+    from transferlab.kind.experiments import _kind_cfg, arm_config, pretrain_key
+
+    exp = get_experiment("kind-fmnist")
+    flat = exp.make_config("tiny", ["n_tailor=6", "assignment=random", "gate_seed=3"])
+    dotted = exp.make_config("tiny", ["method.n_tailor=6", "method.assignment=random", "method.gate_seed=3"])
+    assert flat == dotted and not hasattr(flat, "n_tailor")
+    assert _kind_cfg(flat, gate=False) == dataclasses.replace(flat.method, gate=False)  # gate_seed too: not copied
+    base, paper = arm_config(flat, "kind_paper")
+    assert base == "kind" and (paper.method.n_learngene, paper.method.n_tailor) == (12, 4)
+    assert paper.method.assignment == "random"
+    # the dense model does not depend on the KIND decomposition; the KIND families do, on every field
+    assert pretrain_key(flat, "dense") == pretrain_key(exp.make_config("tiny"), "dense")
+    assert pretrain_key(flat, "kind") != pretrain_key(exp.make_config("tiny", ["gate_seed=3"]), "kind")
 
 
 def test_arms_train_what_they_claim(tmp_path):
     from transferlab.kind.experiments import _load_data
 
     cfg = _tiny_cfg()
-    engine = Engine("cpu", threads=1)
-    engine.run_dir = tmp_path / "run"
+    engine = _ctx()
     data = _load_data(cfg, 0)
     trainable = {}
     for arm in ("scratch", "full_finetune", "svdiff", "kind", "kind_svd", "gated_lora"):
@@ -81,19 +118,29 @@ def test_notes_separate_recognisable_from_close_to_real(tmp_path):
     metrics = {"kind": (96.0, 10.0), "lora": (60.0, 61.0), "scratch": (30.0, 400.0)}  # (class_acc, fmnist_fid)
     rows = [{"arm": a, "seed": 0, "config_hash": "h", "profile": "cpu",
              "metrics": {"class_acc": acc, "fmnist_fid": fid, "fid_floor": 2.4}} for a, (acc, fid) in metrics.items()]
-    plot_kind(rows, cfg, tmp_path)
-    notes = {line.split("`")[1]: line for line in (tmp_path / "notes.md").read_text().splitlines()
-             if line.startswith("- `")}
+    text = plot_kind(rows, _plot_cfg(cfg), tmp_path).notes
+    notes = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("- `")}
     assert "close to real images" in notes["kind"]
     assert "recognisable as their class, but far from real images" in notes["lora"]
     assert "NOT yet meaningful" in notes["scratch"]
-    assert "6000 pre-training and 1500 transfer steps" in (tmp_path / "notes.md").read_text()
+    assert "6000 pre-training and 1500 transfer steps" in text
 
 
 def _tiny_cfg(**over):
     from transferlab.kind.experiments import _QUICK, KindFmnistConfig
 
-    return KindFmnistConfig(**{**_QUICK, **TINY, **over})
+    return apply_overrides(KindFmnistConfig(), {**_QUICK, **TINY, **over})
+
+
+def _ctx():
+    """A run context outside the runner: shared artifacts are built in place, nothing is written."""
+    return RunContext(Engine("cpu", threads=1), None, "test", "kind", 0, None)
+
+
+def _plot_cfg(d: dict):
+    from transferlab.kind.experiments import KindFmnistConfig
+
+    return config_from_dict(KindFmnistConfig, d)
 
 
 def test_every_arm_gets_its_learning_rate_per_parameter_group(tmp_path):
@@ -102,8 +149,7 @@ def test_every_arm_gets_its_learning_rate_per_parameter_group(tmp_path):
     from transferlab.kind.model import kind_param_groups
 
     cfg = _tiny_cfg(svdiff_lr_mult=10.0, sigma_lr_mult=3.0)
-    engine = Engine("cpu", threads=1)
-    engine.run_dir = tmp_path / "run"
+    engine = _ctx()
     data = _load_data(cfg, 0)
     base = 1e-3
     for arm in ARMS:
@@ -163,8 +209,7 @@ def test_notes_carry_a_guidance_2_table_with_paired_differences(tmp_path):
              "metrics": {"class_acc": 60.0, "fmnist_fid": 50.0, "fid_floor": 2.0,
                          "fmnist_fid_g2": base + s, "class_acc_g2": 90.0}}
             for a, base in (("kind", 10.0), ("lora", 14.0)) for s in range(3)]
-    plot_kind(rows, cfg, tmp_path)
-    notes = (tmp_path / "notes.md").read_text()
+    notes = plot_kind(rows, _plot_cfg(cfg), tmp_path).notes
     assert "**Guidance 2**" in notes
     lora = next(line for line in notes.splitlines() if line.startswith("| lora |"))
     assert lora.split(" | ")[1:4] == ["3", "15.00 ± 2.48", "90.00 ± 0.00"] and "4.00 ± 0.00" in lora

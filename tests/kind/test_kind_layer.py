@@ -159,8 +159,6 @@ def test_inactive_tailors_are_skipped_in_factored_flops():
 
 @pytest.mark.cuda
 def test_kind_linear_cuda_matches_cpu():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     layer = _random_layer("auto", torch.float32)
     x = torch.randn(4, 6, 12)
     torch.testing.assert_close(layer.cuda()(x.cuda()).cpu(), layer.cpu()(x), atol=1e-4, rtol=1e-4)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.io import atomic_torch_save
 from ..nn import SmallCNN, batches
 from ..nn.diffusion import Diffusion, flops_per_forward
 from .metrics import frechet_distance, knn_precision_recall
@@ -21,18 +20,14 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(-1, 1) + 1) / 2
 
 
-def train_judge(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, cache=None, engine=None) -> SmallCNN:
-    """SmallCNN on real images in [0, 1] (N, 1, 28, 28) with labels 0..9; cached on disk per seed.
+def train_judge(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, device=None) -> SmallCNN:
+    """SmallCNN on real images in [0, 1] (N, 1, 28, 28) with labels 0..9.
 
-    Trained on the engine's device, returned on the CPU (the metrics run there, in float64).
+    Trained on `device` (default CPU), returned on the CPU (the metrics run there, in float64).
     """
     torch.manual_seed(seed + 4242)
-    model = SmallCNN(10)
-    if cache is not None and cache.exists():
-        model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
-        return model.eval()
-    device = engine.device if engine is not None else torch.device("cpu")
-    model = model.to(device)
+    device = torch.device("cpu") if device is None else device
+    model = SmallCNN(10).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     for epoch in range(epochs):
@@ -41,10 +36,14 @@ def train_judge(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, cache=
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    model = model.cpu().eval()
-    if cache is not None and (engine is None or engine.is_main):
-        atomic_torch_save(model.state_dict(), cache)
-    return model
+    return model.cpu().eval()
+
+
+def judge_from_state(state: dict) -> SmallCNN:
+    """The judge network from `train_judge(...).state_dict()`, on the CPU in eval mode."""
+    model = SmallCNN(10)
+    model.load_state_dict(state)
+    return model.eval()
 
 
 @torch.no_grad()

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..core.config import config_hash, field
+from ..core.config import field
+from ..core.engine import rng_state, set_rng_state
 from ..core.errors import UserError
-from ..core.io import atomic_torch_save, cached_torch
 from ..core.registry import register_experiment
 from ..data import load_fashion_mnist
 from ..nn.diffusion import Diffusion
@@ -38,7 +37,7 @@ from . import evaluate as ev
 from .baselines import apply_gated_lora, apply_lora, apply_svdiff, lora_params_per_rank
 from .config import KindConfig
 from .model import TRAINABLE_GROUPS, convert, fit, kind_stats, transfer
-from .plots import plot_kind
+from .plots import GRID_PER_CLASS, encode_grid, plot_kind
 
 KIND_ARMS = ("kind", "kind_nogate", "kind_svd")
 # arms whose trainable share follows n_tailor; each also runs at the paper-like share as <arm>_paper
@@ -90,13 +89,14 @@ class KindFmnistConfig:
                                                       "each further scale g adds metrics named <metric>_g<g>")
     ddim_steps: int = field(50, "DDIM sampling steps")
     samples_per_class: int = field(250, "generated images per target class for the metrics")
-    n_learngene: int = field(64, "KIND learngene components per matrix [reconstructed: width/2]")
-    n_tailor: int = field(64, "KIND tailor components per matrix [reconstructed: width/2]")
+    method: KindConfig = field(
+        KindConfig(n_learngene=64, n_tailor=64),
+        "the KIND decomposition (KindConfig; `--set method.x=...` or `--set x=...`): learngene/tailor "
+        "components per matrix [reconstructed: width/2 each here], tailors per class, gate rule, targets, "
+        "compute path. The arms set `gate` (off only for kind_nogate's pre-training) and kind_svd sets init='svd'")
     paper_n_learngene: int = field(112, "learngenes per matrix of the *_paper arms [reconstructed]")
     paper_n_tailor: int = field(16, "tailors per matrix of the *_paper arms: about 10% of the rank, the paper's "
                                    "share (45.4M trainable on DiT-L/2 ~ 100 of 1024 per matrix) [reconstructed]")
-    k_active: int | None = field(None, "tailors on per class (None: n_tailor // classes, disjoint blocks)")
-    assignment: str = field("block", "gate rule: block or random [reconstructed]")
     transfer_train: tuple[str, ...] = field(("label_embed", "final_layer"), "dense parts trained in transfer "
                                             "by kind, kind_nogate, lora and svdiff [reconstructed]")
     lora_rank: int = field(0, "LoRA and gated-LoRA rank; 0 matches KIND's trainable tailor parameters")
@@ -112,7 +112,7 @@ class KindFmnistConfig:
             raise UserError("source_classes and target_classes must not overlap")
         if 28 % self.patch:
             raise UserError(f"patch={self.patch}: 28 must be divisible by the patch size (1, 2, 4, 7, 14)")
-        for g, t in ((self.n_learngene, self.n_tailor), (self.paper_n_learngene, self.paper_n_tailor)):
+        for g, t in ((self.method.n_learngene, self.method.n_tailor), (self.paper_n_learngene, self.paper_n_tailor)):
             if g + t > self.width:
                 raise UserError(f"n_learngene + n_tailor = {g} + {t} exceeds width {self.width}; lower them "
                                 "(or paper_n_learngene / paper_n_tailor)")
@@ -160,56 +160,57 @@ def _dit(cfg: KindFmnistConfig, num_classes: int) -> DiT:
 
 
 def _kind_cfg(cfg: KindFmnistConfig, gate: bool) -> KindConfig:
-    return KindConfig(n_learngene=cfg.n_learngene, n_tailor=cfg.n_tailor, k_active=cfg.k_active,
-                      assignment=cfg.assignment, gate=gate)
+    """The experiment's KindConfig with the arm's gate."""
+    return dataclasses.replace(cfg.method, gate=gate)
 
 
-# the fields that decide a pre-trained model: `kind-fmnist` and `kind-fmnist-all` differ only in the
-# transfer data, so with the same values here they share their pre-trained models
+# the fields that decide a pre-trained model (with the KindConfig of the KIND families): `kind-fmnist`
+# and `kind-fmnist-all` differ only in the transfer data, so runs that agree here share pre-training
 PRETRAIN_FIELDS = ("source_classes", "source_per_class", "patch", "width", "depth", "heads", "timesteps",
                    "schedule", "batch_size", "pretrain_steps", "pretrain_lr", "sigma_lr_mult", "class_dropout",
-                   "n_learngene", "n_tailor", "k_active", "assignment", "data_path")
+                   "data_path")
 # the fields that only KIND's pre-training reads: both shares reuse one dense model
-KIND_FIELDS = ("sigma_lr_mult", "n_learngene", "n_tailor", "k_active", "assignment")
+KIND_FIELDS = ("sigma_lr_mult",)
 # bumped when pre-training itself changes (2: without a gate the null label uses every tailor too)
 PRETRAIN_FORMAT = 2
+FAMILY_SEED = {"dense": 0, "kind": 1, "kind_nogate": 2}
 
 
-def _pretrained_file(cfg, engine, family: str, seed: int) -> Path:
-    """<out>/kind-pretrained/v<PRETRAIN_FORMAT>-<hash of PRETRAIN_FIELDS>/<family>-seed<seed>.pt.
+def pretrain_key(cfg, family: str) -> dict:
+    """What the pre-trained model of `family` depends on (the key of its shared artifact)."""
+    key = {f: getattr(cfg, f) for f in PRETRAIN_FIELDS if family != "dense" or f not in KIND_FIELDS}
+    if family != "dense":
+        key["method"] = dataclasses.asdict(_kind_cfg(cfg, gate=(family == "kind")))
+    return {"kind-pretrained": PRETRAIN_FORMAT, "family": family, **key}
 
-    The runner's run folders are <out>/<experiment>/runs/<config hash>/<arm>-seed<seed>; a run folder
-    placed elsewhere (a test, a user's own loop) keeps the cache beside itself.
+
+def _pretrained(cfg, family: str, seed: int, ctx, diffusion, data) -> torch.nn.Module:
+    """The pre-trained model of a family (dense / kind / kind_nogate), built once per seed for all arms.
+
+    With `run --jobs N` the arms that share it wait for one pre-training; the ranks of one distributed
+    run pre-train it together (data-parallel, checkpointed).
     """
-    used = PRETRAIN_FIELDS if family != "dense" else tuple(f for f in PRETRAIN_FIELDS if f not in KIND_FIELDS)
-    key = config_hash(cfg, exclude=tuple(f.name for f in dataclasses.fields(cfg) if f.name not in used))
-    runs = engine.run_dir.parent.parent
-    root = runs.parent.parent if runs.name == "runs" else engine.run_dir.parent
-    return root / "kind-pretrained" / f"v{PRETRAIN_FORMAT}-{key}" / f"{family}-seed{seed}.pt"
-
-
-def _pretrained(cfg, family: str, seed: int, engine, diffusion, data) -> torch.nn.Module:
-    """The pre-trained model of a family (dense / kind / kind_nogate), cached per seed for all arms."""
-    torch.manual_seed(seed * 7 + {"dense": 0, "kind": 1, "kind_nogate": 2}[family])
+    torch.manual_seed(seed * 7 + FAMILY_SEED[family])
     model = _dit(cfg, len(cfg.source_classes))
     if family != "dense":
         convert(model, _kind_cfg(cfg, gate=(family == "kind")))
-    model = model.to(engine.device)
+    model = model.to(ctx.device)
 
     def pretrain() -> dict:
         xs, ys = data["source"]
-        fit(model, xs.to(engine.device), ys.to(engine.device), diffusion=diffusion, steps=cfg.pretrain_steps,
+        fit(model, xs.to(ctx.device), ys.to(ctx.device), diffusion=diffusion, steps=cfg.pretrain_steps,
             batch_size=cfg.batch_size, lr=cfg.pretrain_lr, sigma_lr_mult=cfg.sigma_lr_mult,
-            class_dropout=cfg.class_dropout, seed=seed, engine=engine, phase=f"pretrain-{family}",
+            class_dropout=cfg.class_dropout, seed=seed, engine=ctx, phase=f"pretrain-{family}",
             checkpoint_every=cfg.checkpoint_every)
         return model.state_dict()
 
-    # locked: with `run --jobs N` the arms that share this family wait for one pre-training, not each run it
-    # (not across the ranks of one distributed run: they pre-train together, and checkpoints are barriers)
-    state = cached_torch(_pretrained_file(cfg, engine, family, seed), pretrain, save=engine.is_main,
-                         lock=engine.num_processes == 1)
+    # the arm's random stream continues from here whether this process trains the model or loads it
+    # (transfer draws timesteps, noise and label dropout from it), so results do not depend on which
+    # arm or worker happened to build the shared model
+    rng = rng_state()
+    state = ctx.shared(f"pretrained-{family}", pretrain, key=pretrain_key(cfg, family), collective=True)
+    set_rng_state(rng)
     model.load_state_dict(state)  # (after training: the model's own weights, a no-op copy)
-    engine.wait()
     return model
 
 
@@ -233,29 +234,30 @@ def lora_rank(cfg, model) -> int:
 def arm_config(cfg, arm: str):
     """(base arm, config): an arm ending in _paper is its base arm at the paper-like share."""
     if arm.endswith("_paper") and arm[:-6] in SHARE_ARMS:
-        return arm[:-6], dataclasses.replace(cfg, n_learngene=cfg.paper_n_learngene, n_tailor=cfg.paper_n_tailor)
+        method = dataclasses.replace(cfg.method, n_learngene=cfg.paper_n_learngene, n_tailor=cfg.paper_n_tailor)
+        return arm[:-6], dataclasses.replace(cfg, method=method)
     if arm not in ARMS:
         raise UserError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
     return arm, cfg
 
 
-def build_arm(cfg, arm: str, seed: int, engine, diffusion, data, tailor_init_scale: float = 1.0
+def build_arm(cfg, arm: str, seed: int, ctx, diffusion, data, tailor_init_scale: float = 1.0
               ) -> tuple[torch.nn.Module, float]:
     """The model ready for transfer training, and its LR multiplier for the singular-value group."""
     arm, cfg = arm_config(cfg, arm)
     n_new = len(cfg.target_classes)
     if arm == "scratch":
         torch.manual_seed(seed * 7 + 3)
-        return _dit(cfg, n_new).to(engine.device), 1.0
+        return _dit(cfg, n_new).to(ctx.device), 1.0
     g = torch.Generator().manual_seed(seed * 7 + 5)
     if arm in ("kind", "kind_nogate"):
-        model = _pretrained(cfg, arm, seed, engine, diffusion, data)
+        model = _pretrained(cfg, arm, seed, ctx, diffusion, data)
         # the gate is on in transfer for both: the ablation differs only in how pre-training routed, and
         # (its split being arbitrary) keeps the components of largest |s| as learngenes
         transfer(model, n_new, train=cfg.transfer_train, tailor_init_scale=tailor_init_scale, gate=True,
                  learngenes="first" if arm == "kind" else "top_sigma", generator=g)
         return model, cfg.sigma_lr_mult
-    model = _pretrained(cfg, "dense", seed, engine, diffusion, data)
+    model = _pretrained(cfg, "dense", seed, ctx, diffusion, data)
     if arm == "kind_svd":
         convert(model, dataclasses.replace(_kind_cfg(cfg, gate=True), init="svd"))
         transfer(model, n_new, train=cfg.transfer_train, tailor_init_scale=tailor_init_scale, gate=True,
@@ -270,7 +272,7 @@ def build_arm(cfg, arm: str, seed: int, engine, diffusion, data, tailor_init_sca
         apply_lora(model, lora_rank(cfg, model))
         return model, 1.0
     if arm == "gated_lora":
-        apply_gated_lora(model, lora_rank(cfg, model), assignment=cfg.assignment)
+        apply_gated_lora(model, lora_rank(cfg, model), assignment=cfg.method.assignment)
         return model, 1.0
     if arm == "svdiff":
         apply_svdiff(model)
@@ -305,67 +307,99 @@ def _load_data(cfg, seed: int) -> dict:
     }
 
 
-def _samples(cfg, model, diffusion, per_class: int, seed: int, engine, cfg_scale: float
+def _samples(cfg, model, diffusion, per_class: int, seed: int, device, cfg_scale: float
              ) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.arange(len(cfg.target_classes)).repeat_interleave(per_class)
     x = ev.generate(model, diffusion, labels, steps=cfg.ddim_steps, cfg_scale=cfg_scale,
-                    null_label=len(cfg.target_classes), seed=seed, device=engine.device)
+                    null_label=len(cfg.target_classes), seed=seed, device=device)
     return x, torch.tensor(cfg.target_classes)[labels]
 
 
-def _worse(old: float, new: float) -> bool:
-    """True when validation FID `new` beats `old`; a diverged run (NaN) loses to any finite one."""
-    if new != new:
-        return False
-    return old != old or new < old
+def _val_score(val_fid: float) -> float:
+    """Validation FMNIST-FID as a score to minimise: a diverged run (NaN) loses to any finite one."""
+    return float("inf") if val_fid != val_fid else val_fid
+
+
+def _start_phase(ctx, phase: str) -> None:
+    """Make the next `fit(phase=phase)` continue from the current random stream.
+
+    `fit` resumes from the run's checkpoint, which restores the random state saved with it; a
+    checkpoint of an earlier phase (pre-training, another candidate) would otherwise replace the
+    current stream, and only in the run that wrote it. A checkpoint of `phase` itself is kept (resume).
+    """
+    rng = rng_state()
+    last = ctx.load_checkpoint()
+    set_rng_state(rng)
+    if last is None or last.get("phase") != phase:
+        ctx.save_checkpoint({"phase": f"before-{phase}"})
 
 
 def _suffix(scale: float, first: bool) -> str:
     return "" if first else f"_g{scale:g}"
 
 
-def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
+JUDGE_FIELDS = ("judge_per_class", "judge_epochs", "data_path")
+
+
+def _judge(cfg, seed: int, data, ctx):
+    """The judge network of a seed, trained once and shared by every arm (and by configs that agree on
+    JUDGE_FIELDS)."""
+    x, y = data["judge"]
+    state = ctx.shared("judge", lambda: ev.train_judge(x, y, epochs=cfg.judge_epochs, seed=seed,
+                                                       device=ctx.device).state_dict(),
+                       key={"kind-judge": {f: getattr(cfg, f) for f in JUDGE_FIELDS}})
+    return ev.judge_from_state(state)
+
+
+def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, ctx) -> dict:
     cfg.check()
     diffusion = Diffusion(cfg.timesteps, cfg.schedule)
     data = _load_data(cfg, seed)
-    judge = ev.train_judge(*data["judge"], epochs=cfg.judge_epochs, seed=seed,
-                           cache=engine.run_dir.parent / f"judge-seed{seed}.pt", engine=engine)
+    judge = _judge(cfg, seed, data, ctx)
     xt, yt = data["target"]
-    xt, yt = xt.to(engine.device), yt.to(engine.device)
+    xt, yt = xt.to(ctx.device), yt.to(ctx.device)
     grid_points = candidates(cfg, arm)
-    best = None  # (val_fid, (lr, scale), model, losses) -- chosen on validation images, never on the test set
-    for i, (lr, scale) in enumerate(grid_points):
-        done_file = engine.run_dir / f"lr{i}.pt"
-        model, sig_mult = build_arm(cfg, arm, seed, engine, diffusion, data, tailor_init_scale=scale)
-        if done_file.exists():
-            blob = torch.load(done_file, map_location=engine.device, weights_only=True)
-            model.load_state_dict(blob["model"])
-            val_fid, losses = blob["val_fid"], blob["losses"]
-        else:
+
+    def train(i: int, lr: float, scale: float):
+        """Candidate i: the arm built and transferred with (lr, scale); a resumable stage of this run."""
+        model, sig_mult = build_arm(cfg, arm, seed, ctx, diffusion, data, tailor_init_scale=scale)
+
+        def run() -> dict:
+            _start_phase(ctx, f"transfer-lr{i}")
             losses = fit(model, xt, yt, diffusion=diffusion, steps=cfg.transfer_steps, batch_size=cfg.batch_size,
                          lr=lr, sigma_lr_mult=sig_mult, class_dropout=cfg.class_dropout, seed=seed + 100 * i,
-                         engine=engine, phase=f"transfer-lr{i}", checkpoint_every=cfg.checkpoint_every)
+                         engine=ctx, phase=f"transfer-lr{i}", checkpoint_every=cfg.checkpoint_every)
             val_fid = float("nan")
-            if len(grid_points) > 1:
-                fake, _ = _samples(cfg, model, diffusion, cfg.val_per_class, seed + 50_000, engine, cfg.cfg_scales[0])
+            if len(grid_points) > 1:  # validation FID only where there is something to choose
+                fake, _ = _samples(cfg, model, diffusion, cfg.val_per_class, seed + 50_000, ctx.device,
+                                   cfg.cfg_scales[0])
                 f_fake, _ = ev.judge_outputs(judge, ev.to_unit(fake))
                 f_val, _ = ev.judge_outputs(judge, data["val01"])
                 val_fid = ev.frechet_distance(f_val, f_fake)
-            if engine.is_main:
-                atomic_torch_save({"model": model.state_dict(), "val_fid": val_fid, "losses": losses}, done_file)
-        if best is None or _worse(best[0], val_fid):
-            best = (val_fid, (lr, scale), model, losses)
-    val_fid, (lr, scale), model, losses = best
+            return {"model": model.state_dict(), "val_fid": val_fid, "losses": losses}
+
+        blob = ctx.stage(f"lr{i}", run)
+        model.load_state_dict(blob["model"])  # (after training: the model's own weights, a no-op copy)
+        return model, blob["val_fid"], blob["losses"]
+
+    # chosen on validation images, never on the test set
+    if len(grid_points) == 1:
+        (lr, scale), (model, val_fid, losses) = grid_points[0], train(0, *grid_points[0])
+    else:
+        order = iter(range(len(grid_points)))  # fit is called once per candidate, in order
+        (lr, scale), (model, val_fid, losses) = ctx.choose_on_validation(
+            "lr_tailor_init_scale", grid_points, fit=lambda c: train(next(order), *c),
+            score=lambda fitted: _val_score(fitted[1]), higher_is_better=False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics = {}
     for j, g in enumerate(cfg.cfg_scales):
-        fake, fake_labels = _samples(cfg, model, diffusion, cfg.samples_per_class, seed + 90_000, engine, g)
+        fake, fake_labels = _samples(cfg, model, diffusion, cfg.samples_per_class, seed + 90_000, ctx.device, g)
         sm = ev.sample_metrics(judge, ev.to_unit(fake), fake_labels, data["test01"], cfg.knn_k)
         metrics.update({k + _suffix(g, j == 0): v for k, v in sm.items()})
-        if j == 0:  # a small grid (8 per class) at the headline guidance for the report's sample figure
-            grid = ((fake.view(len(cfg.target_classes), cfg.samples_per_class, 28, 28)[:, :8] + 1) * 127.5).round()
-            if engine.is_main:
-                atomic_torch_save(grid.to(torch.uint8), engine.run_dir / "samples.pt")
+        if j == 0 and seed == 0:  # a small grid per class at the headline guidance, for the report's figure
+            per_class = fake.view(len(cfg.target_classes), cfg.samples_per_class, 28, 28)[:, :GRID_PER_CLASS]
+            grid = ((per_class + 1) * 127.5).round()
+            metrics["sample_grid"] = encode_grid(grid.to(torch.uint8))
     f_floor, _ = ev.judge_outputs(judge, data["floor01"])
     f_test, _ = ev.judge_outputs(judge, data["test01"])
     _, judge_pred = ev.judge_outputs(judge, data["test01"])
@@ -373,9 +407,9 @@ def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
     metrics.update({
         "fid_floor": ev.frechet_distance(f_test, f_floor),
         "judge_acc": 100 * (judge_pred == torch.tensor(cfg.target_classes)[yte]).float().mean().item(),
-        "heldout_mse": ev.heldout_mse(model, diffusion, xte[:1000], yte[:1000], engine.device),
+        "heldout_mse": ev.heldout_mse(model, diffusion, xte[:1000], yte[:1000], ctx.device),
         "trainable_params": float(trainable),
-        "mflops": 1000 * ev.gflops_per_sample(model, engine.device, 0),
+        "mflops": 1000 * ev.gflops_per_sample(model, ctx.device, 0),
         "lr": lr, "tailor_init_scale": scale, "val_fid": val_fid,
         "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
     })
@@ -386,8 +420,8 @@ def kind_fmnist(cfg: KindFmnistConfig, arm: str, seed: int, engine) -> dict:
 # time is not measured
 _FULL = {"seeds": 3, "pretrain_steps": 4000, "transfer_steps": 1000, "lrs": (1e-3, 3e-3, 1e-2),
          "tailor_init_scales": (1.0, 0.0)}
-_SMALL = {"patch": 7, "width": 64, "depth": 4, "heads": 4, "batch_size": 64, "n_learngene": 32, "n_tailor": 32,
-          "paper_n_learngene": 56, "paper_n_tailor": 8}
+_SMALL = {"patch": 7, "width": 64, "depth": 4, "heads": 4, "batch_size": 64, "method.n_learngene": 32,
+          "method.n_tailor": 32, "paper_n_learngene": 56, "paper_n_tailor": 8}
 # quick: the CPU demo; checks the pipeline end to end, samples are not expected to be meaningful
 _QUICK = {**_SMALL, "seeds": 2, "source_per_class": 1000, "pretrain_steps": 150, "transfer_steps": 80,
           "lrs": (1e-3,), "ddim_steps": 20, "samples_per_class": 80, "val_per_class": 50, "test_per_class": 200,
@@ -395,6 +429,12 @@ _QUICK = {**_SMALL, "seeds": 2, "source_per_class": 1000, "pretrain_steps": 150,
           # every code path once (both shares, gated LoRA, SVD start), not every arm at both shares
           "arms": ("kind", "kind_nogate", "kind_svd", "full_finetune", "lora", "gated_lora", "svdiff", "scratch",
                    "kind_paper", "gated_lora_paper")}
+# tiny (the conformance tests, a few seconds per arm): a toy DiT and a handful of steps and images
+_TINY = {**_QUICK, "seeds": 1, "pretrain_steps": 3, "transfer_steps": 3, "source_per_class": 40,
+         "target_per_class": 10, "val_per_class": 10, "test_per_class": 20, "samples_per_class": 8,
+         "judge_per_class": 20, "judge_epochs": 1, "ddim_steps": 2, "width": 16, "depth": 1, "heads": 2, "patch": 7,
+         "method.n_learngene": 8, "method.n_tailor": 8, "paper_n_learngene": 12, "paper_n_tailor": 4,
+         "batch_size": 16, "checkpoint_every": 2, "lrs": (1e-3, 3e-3)}
 # medium: a CPU run of about 15 CPU-minutes per seed; one preset LR (not tuned)
 _MEDIUM = {**_SMALL, "seeds": 2, "pretrain_steps": 500, "transfer_steps": 200, "lrs": (1e-3,), "ddim_steps": 20,
            "samples_per_class": 100, "test_per_class": 500, "judge_per_class": 1000, "judge_epochs": 1,
@@ -419,7 +459,7 @@ register_experiment(
     metrics=METRICS,
     description="KIND: DiT pre-trained on 6 Fashion-MNIST classes, few-shot (100/class) transfer to 4 held-out "
                 "classes; KIND vs full fine-tuning, LoRA, SVDiff, scratch, no-gate ablation",
-    profiles={"quick": _QUICK, "medium": _MEDIUM, "cpu": _CPU, "full": _FULL}, plot=plot_kind,
+    profiles={"tiny": _TINY, "quick": _QUICK, "medium": _MEDIUM, "cpu": _CPU, "full": _FULL}, plot=plot_kind,
 )(kind_fmnist)
 
 register_experiment(
@@ -427,7 +467,8 @@ register_experiment(
     metrics=METRICS,
     description="KIND on Fashion-MNIST 6 -> 4 classes with every training image of the target classes",
     # the demo runs this regime with one seed only (the few-shot experiment has two), to fit its time budget
-    profiles={"quick": {**_QUICK, "seeds": 1, "target_per_class": 1000,
+    profiles={"tiny": {**_TINY, "arms": tuple(a for a in _TINY["arms"] if not a.endswith("_paper"))},
+              "quick": {**_QUICK, "seeds": 1, "target_per_class": 1000,
                         "arms": tuple(a for a in _QUICK["arms"] if not a.endswith("_paper"))},
               "medium": {**_MEDIUM, "target_per_class": 5800},
               "cpu": {**_CPU, "target_per_class": 5800, "arms": _TODAY_SHARE},

@@ -1,12 +1,17 @@
-"""Report hook of `kind-fmnist`: a grid of generated samples per arm, and notes.md with plain caveats."""
+"""Report hook of `kind-fmnist`: a grid of generated samples per arm, and notes with plain caveats."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..core.io import atomic_write_text
+from ..core.registry import Figures
+
+if TYPE_CHECKING:
+    from .experiments import KindFmnistConfig
 
 FMNIST = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
 # The notes call samples "not yet meaningful" below 50% class-conditional accuracy (chance is 25% for
@@ -51,20 +56,39 @@ def guidance_table(rows: list[dict], arms: list[str], suffix: str, ref: str = "k
     return lines
 
 
-def plot_kind(rows: list[dict], cfg: dict, out_dir) -> list[Path]:
+GRID_PER_CLASS = 8  # generated images per class in the report's sample grid
+
+
+def encode_grid(grid: torch.Tensor) -> str:
+    """A [classes, n, 28, 28] uint8 sample grid as text for the results line: "<classes>x<n>:<base64>"."""
+    if grid.dtype != torch.uint8 or grid.dim() != 4 or tuple(grid.shape[2:]) != (28, 28):
+        raise ValueError(f"expected a uint8 grid [classes, n, 28, 28], got {grid.dtype} {tuple(grid.shape)}")
+    c, n = grid.shape[:2]
+    return f"{c}x{n}:" + base64.b64encode(grid.contiguous().numpy().tobytes()).decode("ascii")
+
+
+def decode_grid(text: str) -> torch.Tensor:
+    """Inverse of `encode_grid`."""
+    shape, data = text.split(":", 1)
+    c, n = (int(v) for v in shape.split("x"))
+    return torch.frombuffer(bytearray(base64.b64decode(data)), dtype=torch.uint8).view(c, n, 28, 28)
+
+
+def plot_kind(rows: list[dict], cfg: KindFmnistConfig, out_dir) -> Figures:
+    """The sample grid of every arm (from its results line) and the notes: what the numbers can claim."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    arms = [a for a in cfg["arms"] if any(r["arm"] == a for r in rows)]
+    arms = [a for a in cfg.arms if any(r["arm"] == a for r in rows)]
     grids = {}
     for a in arms:
-        seed_rows = sorted((r for r in rows if r["arm"] == a), key=lambda r: r["seed"])
-        f = out_dir / "runs" / seed_rows[0]["config_hash"] / f"{a}-seed{seed_rows[0]['seed']}" / "samples.pt"
-        if f.exists():
-            grids[a] = torch.load(f, weights_only=True)
+        with_grid = sorted((r for r in rows if r["arm"] == a and "sample_grid" in r["metrics"]),
+                           key=lambda r: r["seed"])
+        if with_grid:
+            grids[a] = decode_grid(with_grid[0]["metrics"]["sample_grid"])
     paths = []
     if grids:
         cols = min(len(grids), 7)
@@ -79,14 +103,14 @@ def plot_kind(rows: list[dict], cfg: dict, out_dir) -> list[Path]:
             ax.set_title(a, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([14 + 28 * i for i in range(c)])
-            ax.set_yticklabels([FMNIST[k] for k in cfg["target_classes"]], fontsize=7)
+            ax.set_yticklabels([FMNIST[k] for k in cfg.target_classes], fontsize=7)
         fig.tight_layout()
         path = out_dir / "samples.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     lines = ["", "**Samples and caveats.**", "",
-             f"![generated samples at guidance {cfg.get('cfg_scales', [1])[0]:g}, one row per held-out class, seed 0]"
+             f"![generated samples at guidance {cfg.cfg_scales[0]:g}, one row per held-out class, seed 0]"
              "(samples.png)", "",
              "FMNIST-FID is a Fréchet distance in the features of a Fashion-MNIST classifier trained in this "
              "experiment (its test accuracy on the held-out classes is `judge_acc`); it is **not** FID and not "
@@ -102,17 +126,16 @@ def plot_kind(rows: list[dict], cfg: dict, out_dir) -> list[Path]:
             verdict = f"recognisable as their class, but far from real images (over {MAX_FID_OVER_FLOOR:g}x the floor)"
         lines.append(f"- `{a}`: class-conditional accuracy {acc:.1f}% (chance 25%), FMNIST-FID {fid:.1f} vs "
                      f"floor {floor:.1f} -> {verdict}.")
-    for g in cfg.get("cfg_scales", ())[1:]:
+    for g in cfg.cfg_scales[1:]:
         suffix = f"_g{g:g}"
         if any(f"fmnist_fid{suffix}" in r["metrics"] for r in rows):
-            lines += ["", f"**Guidance {g:g}** (the headline table samples at guidance {cfg['cfg_scales'][0]:g}; "
+            lines += ["", f"**Guidance {g:g}** (the headline table samples at guidance {cfg.cfg_scales[0]:g}; "
                           "mean ± 95% CI over seeds, differences paired by seed):", ""]
             lines += guidance_table(rows, arms, suffix)
     profile = rows[0].get("profile") if rows else None
     if profile != "full":
-        lines += ["", f"This is the **{profile}** profile (a width-{cfg['width']}, depth-{cfg['depth']} DiT, "
-                      f"{cfg['pretrain_steps']} pre-training and {cfg['transfer_steps']} transfer steps). Where the "
+        lines += ["", f"This is the **{profile}** profile (a width-{cfg.width}, depth-{cfg.depth} DiT, "
+                      f"{cfg.pretrain_steps} pre-training and {cfg.transfer_steps} transfer steps). Where the "
                       "samples are not meaningful, the ranking of the arms is not evidence for or against KIND; the "
                       "full (GPU) profile is the larger test."]
-    atomic_write_text(out_dir / "notes.md", "\n".join(lines) + "\n")
-    return paths
+    return Figures(paths, "\n".join(lines) + "\n")

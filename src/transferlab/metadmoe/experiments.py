@@ -6,8 +6,9 @@ five sources we train, per (seed, fold): the ERM student (stage 3) and one exper
 variants (stage 4). Hyperparameters of adaptation (Meta-DMoE's inner lr, TENT's lr) are chosen on the
 family's three validation domains, which are neither sources nor test folds; the held-out domain is
 never used to choose. At test time the held-out domain's test shard arrives as unlabeled batches of
-`support_size` images (protocol.py). Stage results are cached per (seed, fold) beside the run folders,
-so every arm of a seed shares the same student, experts and aggregator.
+`support_size` images (protocol.py). Stages 1-3 are shared artifacts of the run context per (seed,
+fold), so every arm of a seed starts from the same student, experts and aggregator; each arm's
+meta-training is a resumable stage of its own run.
 """
 
 from __future__ import annotations

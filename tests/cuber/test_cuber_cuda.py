@@ -7,7 +7,7 @@ from torch import nn
 
 from transferlab.cuber import GPM, GPMConfig
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.cuda
 
 
 def test_gpm_on_cuda_matches_cpu():

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from transferlab.core.context import RunContext
+from transferlab.core.engine import Engine
 from transferlab.core.errors import UserError
 from transferlab.cuber import GPM, GPMConfig
 from transferlab.cuber import experiments as ex
@@ -74,8 +76,10 @@ def test_ewc_lambda_is_chosen_on_validation_seeds_only():
         seen.append((c.eval_split, s))
         return {"acc": {1.0: 50.0, 10.0: 70.0, 100.0: 60.0}[lam] + s % 2}
 
-    lam, scores = ex.choose_on_val_seeds(cfg, "ewc_lam", list(cfg.ewc_grid), fit_one, None)
+    ctx = RunContext(Engine(device="cpu", threads=1), None, "h", "ewc", 0, None)
+    lam, scores = ex.choose_on_val_seeds(cfg, "ewc_lam", list(cfg.ewc_grid), fit_one, ctx)
     assert lam == 10.0 and len(scores) == 3
+    assert ctx.choices["ewc_lam"] == {"candidates": [1.0, 10.0, 100.0], "scores": scores, "chosen": 10.0}
     assert all(split == "val" and s >= ex.VAL_SEED0 for split, s in seen)
     assert {s for _, s in seen} == {ex.VAL_SEED0, ex.VAL_SEED0 + 1}
 
@@ -85,33 +89,34 @@ def test_arms_name_their_rule_and_unknown_arms_fail():
     assert ex.arm_rule("gpm_long") is None
     with pytest.raises(UserError, match="unknown arm"):
         ex.ChunksConfig(arms=("gpm", "cuber_sideways"))
-    assert "rule=gate" in ex.rule_label("cuber_gate", {"rule": "free"})
-    assert "rule=free" in ex.rule_label("cuber", {"rule": "free"})
+    assert "rule=gate" in ex.rule_label("cuber_gate", ex.StreamConfig(rule="free"))
+    assert "rule=free" in ex.rule_label("cuber", ex.StreamConfig(rule="free"))
+    assert "from free/gate" in ex.rule_label("cuber_val", ex.StreamConfig(val_rules=("free", "gate")))
 
 
-@pytest.mark.parametrize("name,over", [
-    ("cuber-chunks-fmnist", {"n_train": 60, "n_test": 50, "arms": ("finetune", "ewc", "gpm", "cuber_backward"),
-                             "ewc_grid": (1.0, 100.0)}),
-    ("cuber-pairs-fmnist", {"n_tasks": 2, "n_train": 20, "n_test": 20, "epochs": 3, "patience": 1,
-                            "n_samples": (4, 4, 8), "arms": ("gpm", "trgp", "cuber")}),
+@pytest.mark.parametrize("name,arms", [
+    ("cuber-chunks-fmnist", ("finetune", "ewc", "gpm", "cuber_backward")),
+    ("cuber-pairs-fmnist", ("gpm", "trgp", "cuber")),
 ])
-def test_new_streams_run_and_report_the_rule(tmp_path, name, over):
+def test_new_streams_run_and_report_the_rule(tmp_path, name, arms):
     from transferlab.core.runner import run_experiment
 
-    out = run_experiment(name, "quick", seeds=1, overrides=over, out=tmp_path)
+    out = run_experiment(name, "tiny", seeds=1, overrides={"arms": arms}, out=tmp_path)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["arm"] for r in rows} == set(over["arms"])
-    notes = (out / "notes.md").read_text()
+    assert {r["arm"] for r in rows} == set(arms)
+    notes = (out / "section.md").read_text()
     assert "rule=" in notes
-    if "ewc" in over["arms"]:
+    if "ewc" in arms:
         assert "EWC lambda chosen" in notes
+        ewc = next(r for r in rows if r["arm"] == "ewc")
+        assert ewc["choices"]["ewc_lam"]["chosen"] == ewc["metrics"]["ewc_lam"]
 
 
 def test_notes_give_a_verdict_per_comparison():
     rows = [{"arm": a, "seed": s, "metrics": {"bwt": v + s * 0.1, "acc": 50.0 + s}}
             for s in range(4) for a, v in (("gpm", 0.0), ("trgp", 1.0), ("cuber", 2.0))]
-    cfg = {"arms": ("gpm", "trgp", "cuber"), "rule": "free", "corr_space": "subspace", "eps_corr": 0.0,
-           "trust_radius": 0.0, "step_scale": 1.0}
+    cfg = ex.StreamConfig(arms=("gpm", "trgp", "cuber"), rule="free", corr_space="subspace", eps_corr=0.0,
+                          trust_radius=0.0, step_scale=1.0)
     notes = ex.checks_markdown(rows, cfg)
     assert "BWT cuber − gpm: 2.00 ± 0.00 over 4 seeds (CI above 0)" in notes
     assert "BWT cuber − trgp: 1.00 ± 0.00 over 4 seeds (CI above 0)" in notes

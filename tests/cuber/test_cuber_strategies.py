@@ -179,18 +179,18 @@ def test_gpm_beats_finetune_on_a_low_rank_stream():
 def test_rotated_experiment_runs_resumes_and_reports(tmp_path):
     from transferlab.core.runner import run_experiment
 
-    over = {"n_tasks": 3, "n_train": 100, "n_test": 100, "epochs": 1, "arms": ("finetune", "gpm", "cuber")}
-    out = run_experiment("cuber-rotated-fmnist", "quick", seeds=1, overrides=over, out=tmp_path)
+    out = run_experiment("cuber-rotated-fmnist", "tiny", seeds=1, out=tmp_path)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["arm"] for r in rows} == {"finetune", "gpm", "cuber"}
     for r in rows:
         R = r["metrics"]["R"]
         assert len(R) == 3 and all(len(row) == 3 for row in R)
         assert all(0 <= v <= 100 for row in R for v in row)
-    assert (out / "accuracy_matrix.png").exists() and "BWT cuber − gpm" in (out / "notes.md").read_text()
+    assert (out / "accuracy_matrix.png").exists() and "BWT cuber − gpm" in (out / "section.md").read_text()
 
 
 def test_killed_run_resumes_with_identical_metrics(tmp_path, monkeypatch):
+    from transferlab.core.context import RunContext
     from transferlab.core.engine import Engine
     from transferlab.core.registry import get_experiment
     from transferlab.core.results import resolve_config
@@ -201,7 +201,7 @@ def test_killed_run_resumes_with_identical_metrics(tmp_path, monkeypatch):
     cfg = resolve_config(exp, "quick", over, 1)
     ref_engine = Engine(device="cpu", threads=1)
     ref_engine.run_dir = tmp_path / "ref"
-    ref = exp.fn(cfg, "cuber", 0, ref_engine)
+    ref = exp.fn(cfg, "cuber", 0, RunContext(ref_engine, None, "h", "cuber", 0, ref_engine.run_dir))
 
     real, calls = train_mod.train_task, []
 
@@ -215,8 +215,8 @@ def test_killed_run_resumes_with_identical_metrics(tmp_path, monkeypatch):
     eng = Engine(device="cpu", threads=1)
     eng.run_dir = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        exp.fn(cfg, "cuber", 0, eng)
-    resumed = exp.fn(cfg, "cuber", 0, eng)
+        exp.fn(cfg, "cuber", 0, RunContext(eng, None, "h", "cuber", 0, eng.run_dir))
+    resumed = exp.fn(cfg, "cuber", 0, RunContext(eng, None, "h", "cuber", 0, eng.run_dir))
     assert calls == [0, 1, 2, 2]  # tasks 0 and 1 were not retrained
     assert resumed["R"] == ref["R"] and resumed["bwt"] == ref["bwt"]
 
@@ -224,8 +224,8 @@ def test_killed_run_resumes_with_identical_metrics(tmp_path, monkeypatch):
 def test_split_experiment_multihead_cnn(tmp_path):
     from transferlab.core.runner import run_experiment
 
-    over = {"n_train": 20, "n_test": 20, "epochs": 1, "arms": ("gpm", "multitask"), "n_samples": (4, 4, 8)}
-    out = run_experiment("cuber-split-fmnist", "quick", seeds=1, overrides=over, out=tmp_path)
+    out = run_experiment("cuber-split-fmnist", "tiny", seeds=1, overrides={"arms": ("gpm", "multitask")},
+                         out=tmp_path)
     lines = (out / "results.jsonl").read_text().splitlines()
     rows = {json.loads(line)["arm"]: json.loads(line)["metrics"] for line in lines}
     assert len(rows["gpm"]["R"]) == 5 and rows["gpm"]["basis_dims"]["body.0"] > 0

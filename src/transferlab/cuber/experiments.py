@@ -22,7 +22,7 @@ import torch
 
 from ..core.config import field
 from ..core.errors import UserError
-from ..core.registry import register_experiment
+from ..core.registry import Figures, register_experiment
 from ..core.stats import fmt_ci, mean_ci, paired_diff
 from ..nn import MLP
 from .config import STEP_RULES, CUBERConfig, EWCConfig, GPMConfig, TRGPConfig
@@ -159,26 +159,24 @@ def fit_arm(cfg, arm: str, seed: int, device, tasks, make_model, forward=None, e
 def choose_on_val_seeds(cfg, name: str, candidates, fit_one, ctx) -> tuple:
     """Mean validation ACC of each candidate over the validation seeds; the best (first on ties).
 
-    Computed once per config and shared by every test seed (`ctx.shared`, when the runner gives a
-    context); recorded in the run's results line.
+    The choice is made across seeds, so it is computed once per config and shared by every test
+    seed (`ctx.shared`), and recorded in each run's results line (`ctx.record_choice`).
     """
     def build():
         val = replace(cfg, eval_split="val")
         scores = [sum(fit_one(val, c, VAL_SEED0 + k)["acc"] for k in range(cfg.val_seeds)) / cfg.val_seeds
                   for c in candidates]
         return {"scores": scores}
-    shared = getattr(ctx, "shared", None)
     key = [name, list(candidates), {k: v for k, v in vars(cfg).items() if k not in ("arms", "seeds", "eval_split")}]
-    scores = (shared(f"choice-{name}", build, per_seed=False, key=key) if callable(shared) else build())["scores"]
+    scores = ctx.shared(f"choice-{name}", build, per_seed=False, key=key)["scores"]
     best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
-    if hasattr(ctx, "record_choice"):
-        ctx.record_choice(name, list(candidates), scores, candidates[best])
+    ctx.record_choice(name, list(candidates), scores, candidates[best])
     return candidates[best], scores
 
 
-def run_arm(cfg, arm: str, seed: int, engine, make_tasks, make_model, forward=None) -> dict:
+def run_arm(cfg, arm: str, seed: int, ctx, make_tasks, make_model, forward=None) -> dict:
     """One test (arm, seed); EWC's lambda and cuber_val's rule come from the validation seeds."""
-    dev = engine.device
+    dev = ctx.device
 
     def fit_one(c, extra: dict, s: int) -> dict:
         return fit_arm(c, arm, s, dev, make_tasks(c, s), make_model, forward, **extra)
@@ -186,26 +184,26 @@ def run_arm(cfg, arm: str, seed: int, engine, make_tasks, make_model, forward=No
     extra, chosen = {}, {}
     if arm == "ewc":
         lam, _ = choose_on_val_seeds(cfg, "ewc_lam", list(cfg.ewc_grid),
-                                     lambda c, v, s: fit_one(c, {"ewc_lam": v}, s), engine)
+                                     lambda c, v, s: fit_one(c, {"ewc_lam": v}, s), ctx)
         extra, chosen = {"ewc_lam": lam}, {"ewc_lam": lam}
     elif arm == "cuber_val":
         rule, _ = choose_on_val_seeds(cfg, "cuber_rule", list(cfg.val_rules),
-                                      lambda c, v, s: fit_one(c, {"rule": v}, s), engine)
+                                      lambda c, v, s: fit_one(c, {"rule": v}, s), ctx)
         extra = {"rule": rule}
         chosen = {"rule_index": float(STEP_RULES.index(rule))}
-    res = fit_arm(cfg, arm, seed, dev, make_tasks(cfg, seed), make_model, forward, engine, **extra)
+    res = fit_arm(cfg, arm, seed, dev, make_tasks(cfg, seed), make_model, forward, ctx, **extra)
     return {**res, **chosen}
 
 
 # ---- plots and notes ------------------------------------------------------------------------------
-def plot_matrices(rows: list[dict], cfg: dict, out_dir) -> list:
-    """accuracy_matrix.png: mean R over seeds per arm, plus notes.md with the paired checks."""
+def plot_matrices(rows: list[dict], cfg: StreamConfig, out_dir) -> Figures:
+    """accuracy_matrix.png: mean R over seeds per arm, and the paired checks as notes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = [a for a in cfg["arms"] if any(r["arm"] == a and len(r["metrics"].get("R", [])) > 1 for r in rows)]
+    arms = [a for a in cfg.arms if any(r["arm"] == a and len(r["metrics"].get("R", [])) > 1 for r in rows)]
     paths = []
     if arms:
         fig, axes = plt.subplots(1, len(arms), figsize=(3.2 * len(arms), 3.2), squeeze=False)
@@ -221,26 +219,24 @@ def plot_matrices(rows: list[dict], cfg: dict, out_dir) -> list:
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
-    (out_dir / "notes.md").write_text(checks_markdown(rows, cfg))
-    return paths
+    return Figures(paths, checks_markdown(rows, cfg))
 
 
 def _by_seed(rows, arm, metric):
     return {r["seed"]: r["metrics"][metric] for r in rows if r["arm"] == arm and metric in r["metrics"]}
 
 
-def rule_label(arm: str, cfg: dict) -> str:
+def rule_label(arm: str, cfg: StreamConfig) -> str:
     """What a CUBER column ran: its rule and the Regime-3 settings."""
     r = arm_rule(arm)
-    rule = "chosen on validation from " + "/".join(cfg.get("val_rules", ())) if arm == "cuber_val" else (
-        r or cfg.get("rule", "free"))
-    return (f"rule={rule}, corr_space={cfg.get('corr_space')}, eps_corr={cfg.get('eps_corr')}, "
-            f"trust_radius={cfg.get('trust_radius')}, step_scale={cfg.get('step_scale')}")
+    rule = "chosen on validation from " + "/".join(cfg.val_rules) if arm == "cuber_val" else (r or cfg.rule)
+    return (f"rule={rule}, corr_space={cfg.corr_space}, eps_corr={cfg.eps_corr}, "
+            f"trust_radius={cfg.trust_radius}, step_scale={cfg.step_scale}")
 
 
-def checks_markdown(rows: list[dict], cfg: dict) -> str:
+def checks_markdown(rows: list[dict], cfg: StreamConfig) -> str:
     """Paired (per-seed) comparisons of every CUBER arm with GPM and TRGP, computed from the rows."""
-    arms = list(cfg["arms"])
+    arms = list(cfg.arms)
     lines = ["Paired differences over test seeds (mean ± 95% CI; heatmaps in accuracy_matrix.png):", ""]
     cubers = [a for a in arms if arm_rule(a) is not None]
     for a in cubers:
@@ -264,7 +260,7 @@ def checks_markdown(rows: list[dict], cfg: dict) -> str:
                              + " / ".join(f"{x:.1f}" for x in reg))
     lam = {r["metrics"].get("ewc_lam") for r in rows if r["arm"] == "ewc"} - {None}
     if lam:
-        lines.append(f"- EWC lambda chosen on {cfg.get('val_seeds')} validation seeds from {cfg.get('ewc_grid')}: "
+        lines.append(f"- EWC lambda chosen on {cfg.val_seeds} validation seeds from {cfg.ewc_grid}: "
                      + ", ".join(f"{v:g}" for v in sorted(lam)))
     return "\n".join(lines) + "\n"
 
@@ -290,11 +286,19 @@ class PermutedConfig(StreamConfig):
     # quick: 4 tasks x 3600 images, lr 0.05 so a few hundred steps learn each task (demo, not the protocol)
     profiles={"quick": {"seeds": 2, "val_seeds": 1, "n_tasks": 4, "n_train": 4000, "n_test": 2000, "epochs": 3,
                         "lr": 0.05, "ewc_grid": (10.0, 1000.0)},
+              # tiny: seconds, for the tests (every arm, two short tasks)
+              "tiny": {"seeds": 1, "val_seeds": 1, "n_tasks": 2, "n_train": 200, "n_test": 100, "epochs": 1,
+                       "lr": 0.05, "ewc_grid": (10.0, 1000.0)},
+              # cpu: the quick data and budget over all 10 tasks, 5 seeds (measured 1 CPU-thread seconds per
+              # run: gpm 36, cuber 136)
+              "cpu": {"seeds": 5, "val_seeds": 1, "n_tasks": 10, "n_train": 4000, "n_test": 2000, "epochs": 3,
+                      "lr": 0.05, "ewc_grid": (10.0, 1000.0)},
               "full": {"seeds": 5}},
+    cpu_minutes={"cpu": 35},
     plot=plot_matrices,
 )
-def cuber_pfmnist(cfg: PermutedConfig, arm: str, seed: int, engine) -> dict:
-    return run_arm(cfg, arm, seed, engine,
+def cuber_pfmnist(cfg: PermutedConfig, arm: str, seed: int, ctx) -> dict:
+    return run_arm(cfg, arm, seed, ctx,
                    lambda c, s: permuted_stream(c.n_tasks, c.n_train, c.n_test, c.val_frac, s, c.data_path,
                                                 c.normalize), _mlp)
 
@@ -325,11 +329,18 @@ class SplitConfig(StreamConfig):
     "cuber-split-fmnist", config=SplitConfig, reference="gpm", metrics=METRICS, method="cuber",
     description="Split Fashion-MNIST 5x2 classes, multi-head CNN (conv GPM via im2col, BN without running stats)",
     profiles={"quick": {"seeds": 2, "n_train": 300, "n_test": 300, "epochs": 2, "arms": ("gpm", "trgp", "cuber")},
+              "tiny": {"seeds": 1, "val_seeds": 1, "n_train": 20, "n_test": 20, "epochs": 1, "n_samples": (4, 4, 8),
+                       "arms": ("gpm", "trgp", "cuber", "multitask")},
+              # cpu: 1000 images per class, 3 epochs, 5 seeds (measured 1 CPU-thread seconds per run: gpm 55,
+              # cuber 67)
+              "cpu": {"seeds": 5, "val_seeds": 1, "n_train": 1000, "n_test": 1000, "epochs": 3,
+                      "ewc_grid": (10.0, 1000.0), "arms": ("finetune", "ewc", "gpm", "trgp", "cuber", "multitask")},
               "full": {"seeds": 5}},
+    cpu_minutes={"cpu": 35},
     plot=plot_matrices,
 )
-def cuber_split_fmnist(cfg: SplitConfig, arm: str, seed: int, engine) -> dict:
-    return run_arm(cfg, arm, seed, engine,
+def cuber_split_fmnist(cfg: SplitConfig, arm: str, seed: int, ctx) -> dict:
+    return run_arm(cfg, arm, seed, ctx,
                    lambda c, s: split_stream(c.classes_per_task, c.n_train, c.n_test, c.val_frac, s, c.data_path,
                                              c.normalize),
                    lambda: MultiHeadCNN(cfg.n_tasks, cfg.classes_per_task, cfg.width), multihead_forward)
@@ -360,11 +371,13 @@ class RotatedConfig(StreamConfig):
               "cpu": {"seeds": 20, "val_seeds": 2,
                       "arms": ("finetune", "ewc", "gpm", "trgp", "cuber", "cuber_val")},
               "cpu-long": {"seeds": 10, "val_seeds": 2, "arms": LONG},
+              "tiny": {"seeds": 1, "val_seeds": 1, "n_tasks": 3, "n_train": 100, "n_test": 100, "epochs": 1, "lr": 0.05,
+                       "step_degrees": 16.0, "ewc_grid": (10.0, 1000.0), "arms": ("finetune", "gpm", "cuber")},
               "full": {"seeds": 20, "arms": _ALL + LONG}},
     plot=plot_matrices, extra_arms=_ALL + LONG,
 )
-def cuber_rotated_fmnist(cfg: RotatedConfig, arm: str, seed: int, engine) -> dict:
-    return run_arm(cfg, arm, seed, engine,
+def cuber_rotated_fmnist(cfg: RotatedConfig, arm: str, seed: int, ctx) -> dict:
+    return run_arm(cfg, arm, seed, ctx,
                    lambda c, s: rotated_stream(c.n_tasks, c.step_degrees, c.n_train, c.n_test, c.val_frac, s,
                                                c.data_path, c.normalize), _mlp)
 
@@ -388,11 +401,13 @@ class ChunksConfig(StreamConfig):
                 "every pair positively correlated, so a working CUBER moves BWT from GPM's towards finetune's",
     profiles={"quick": {"seeds": 2, "val_seeds": 1, "n_train": 200, "n_test": 500, "epochs": 1,
                         "ewc_grid": (10.0, 1000.0), "arms": ("finetune", "gpm", "cuber")},
+              "tiny": {"seeds": 1, "val_seeds": 1, "n_train": 60, "n_test": 50, "epochs": 1, "ewc_grid": (1.0, 100.0),
+                       "arms": ("finetune", "ewc", "gpm", "cuber", "cuber_backward")},
               "cpu": {"seeds": 20}, "full": {"seeds": 30, "n_tasks": 10}},
     plot=plot_matrices,
 )
-def cuber_chunks_fmnist(cfg: ChunksConfig, arm: str, seed: int, engine) -> dict:
-    return run_arm(cfg, arm, seed, engine,
+def cuber_chunks_fmnist(cfg: ChunksConfig, arm: str, seed: int, ctx) -> dict:
+    return run_arm(cfg, arm, seed, ctx,
                    lambda c, s: chunks_stream(c.n_tasks, c.n_train, c.n_test, c.val_frac, s, c.data_path,
                                               c.normalize), _mlp)
 
@@ -426,12 +441,15 @@ class PairsConfig(SplitConfig):
                 "images each, multi-head CNN, validation early stopping with best-model restore",
     profiles={"quick": {"seeds": 2, "val_seeds": 1, "n_tasks": 3, "n_train": 60, "n_test": 100, "epochs": 4,
                         "ewc_grid": (10.0, 1000.0), "arms": ("gpm", "trgp", "cuber")},
+              "tiny": {"seeds": 1, "val_seeds": 1, "n_tasks": 2, "n_train": 20, "n_test": 20, "epochs": 3,
+                       "patience": 1, "n_samples": (4, 4, 8), "ewc_grid": (10.0, 1000.0),
+                       "arms": ("gpm", "trgp", "cuber", "cuber_val")},
               "cpu": {"seeds": 20, "val_seeds": 2, "arms": ("finetune", "ewc", "gpm", "trgp", "cuber", "cuber_val")},
               "full": {"seeds": 30}},
     plot=plot_matrices,
 )
-def cuber_pairs_fmnist(cfg: PairsConfig, arm: str, seed: int, engine) -> dict:
-    return run_arm(cfg, arm, seed, engine,
+def cuber_pairs_fmnist(cfg: PairsConfig, arm: str, seed: int, ctx) -> dict:
+    return run_arm(cfg, arm, seed, ctx,
                    lambda c, s: split_stream(2, c.n_train, c.n_test, c.val_frac, s, c.data_path, c.normalize,
                                              list(SHARED_PAIRS[: c.n_tasks])),
                    lambda: MultiHeadCNN(cfg.n_tasks, 2, cfg.width), multihead_forward)

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..core.errors import UserError
 from ..data import load_fashion_mnist
+from ..data.image_ops import per_class_indices, rotate
 from ..nn import batches
 
 
@@ -70,20 +70,9 @@ def normalise(x: torch.Tensor, on: bool) -> torch.Tensor:
 
 
 def _subset(y: torch.Tensor, n: int | None, g: torch.Generator, classes=None) -> torch.Tensor:
-    """A seeded random subset of n indices (class-balanced when n is given), restricted to `classes`."""
+    """A seeded, shuffled random subset of n indices (n // classes per class; all when n is None) of `classes`."""
     cls = sorted(set(y.tolist())) if classes is None else list(classes)
-    per = None if n is None else n // len(cls)
-    out = []
-    for c in cls:
-        idx = (y == c).nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        if per is not None:
-            if len(idx) < per:
-                raise UserError(f"class {c} has {len(idx)} images, fewer than the {per} per class asked for")
-            idx = idx[:per]
-        out.append(idx)
-    idx = torch.cat(out)
-    return idx[torch.randperm(len(idx), generator=g)]
+    return per_class_indices(y, cls, None if n is None else n // len(cls), g, shuffle=True)
 
 
 def _split_val(idx: torch.Tensor, val_frac: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,16 +138,6 @@ def split_stream(classes_per_task: int = 2, n_train_per_class: int | None = None
         tasks.append(Task(t, f"classes{cls}", x[tr], lut[y[tr]], xt[te], lut[yt[te]], tf, classes_per_task,
                           x[va], lut[y[va]]))
     return tasks
-
-
-def rotate(xb: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate (B, 1, H, W) images about their centre (bilinear, zero fill) without torchvision."""
-    if degrees == 0:
-        return xb
-    a = math.radians(degrees)
-    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=xb.dtype)
-    grid = F.affine_grid(theta.expand(len(xb), 2, 3), list(xb.shape), align_corners=False)
-    return F.grid_sample(xb, grid, align_corners=False, padding_mode="zeros")
 
 
 def rotated_stream(n_tasks: int = 10, step_degrees: float = 8.0, n_train: int = 1000, n_test: int | None = 2000,

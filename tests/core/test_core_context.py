@@ -120,3 +120,15 @@ def test_choose_on_validation_keeps_the_best_and_records_all(engine, tmp_path):
 def test_context_forwards_the_engine(engine, tmp_path):
     ctx = _ctx(engine, tmp_path)
     assert ctx.device == engine.device and ctx.num_processes == 1 and ctx.prepare is not None
+
+
+def test_scope_shares_across_experiments_and_needs_a_key(engine, tmp_path):
+    calls = []
+    build = lambda: calls.append(1) or torch.ones(1)  # noqa: E731
+    a = RunContext(engine, tmp_path / "exp-a", "h1", "x", 0, None)
+    b = RunContext(engine, tmp_path / "exp-b", "h2", "y", 0, None)
+    a.shared("pre", build, key={"steps": 3}, scope="family")
+    b.shared("pre", build, key={"steps": 3}, scope="family")
+    assert len(calls) == 1 and (tmp_path / "shared" / "family").is_dir()
+    with pytest.raises(UserError, match="needs a key"):
+        a.shared("pre", build, scope="family")

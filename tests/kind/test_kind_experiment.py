@@ -57,8 +57,12 @@ def test_arms_and_transfer_settings_share_the_pretrained_model(tmp_path, monkeyp
     run_experiment("kind-fmnist", "quick", seeds=1, overrides={**over, "target_per_class": 12, "arms": ("lora",)},
                    out=tmp_path, engine=Engine("cpu", threads=1))
     assert calls == [4, 3, 3, 3]
-    assert [p.name for p in (tmp_path / "kind-fmnist" / "shared").glob("*/pretrained-*.pt")] == \
+    assert [p.name for p in (tmp_path / "shared" / "kind-pretrained").glob("*/pretrained-*.pt")] == \
         ["pretrained-dense-seed0.pt"]
+    # kind-fmnist-all transfers from the same pre-trained models
+    run_experiment("kind-fmnist-all", "quick", seeds=1, overrides={**over, "arms": ("lora",)}, out=tmp_path,
+                   engine=Engine("cpu", threads=1))
+    assert calls == [4, 3, 3, 3, 3]
 
 
 def test_an_arm_gets_the_same_metrics_whether_it_trains_the_shared_model_or_loads_it(tmp_path):

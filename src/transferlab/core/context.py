@@ -66,11 +66,13 @@ class RunContext:
 
     # ---- artifacts shared by the arms (and, if asked, the seeds) of one config ------------------
     def shared(self, name: str, build: Callable[[], Any], *, per_seed: bool = True, key: Any = None,
-               collective: bool = False) -> Any:
+               collective: bool = False, scope: str | None = None) -> Any:
         """`build()` computed once and reused by every arm of this config (and seed, if `per_seed`).
 
         `key`, when given, replaces the config hash: pass the config fields the artifact depends on,
-        so that runs differing only in other fields share it too. The artifact must be loadable with
+        so that runs differing only in other fields share it too. `scope` shares it across the
+        experiments that pass the same scope (under `<out>/shared/<scope>/`), for example two
+        experiments that transfer from the same pre-trained model; it needs a `key`. The artifact must be loadable with
         `torch.load(weights_only=True)` (tensors, state dicts, lists, dicts, numbers, strings).
 
         Across the workers of `run --jobs N` an exclusive file lock makes one worker build while the
@@ -81,8 +83,11 @@ class RunContext:
         """
         if self.exp_dir is None:
             return build()
+        if scope is not None and key is None:
+            raise UserError(f"shared({name!r}, scope={scope!r}) needs a key: the fields the artifact depends on")
         tag = self.config_hash if key is None else _key_hash(key)
-        path = self.exp_dir / "shared" / tag / (f"{name}-seed{self.seed}.pt" if per_seed else f"{name}.pt")
+        root = self.exp_dir / "shared" if scope is None else self.exp_dir.parent / "shared" / scope
+        path = root / tag / (f"{name}-seed{self.seed}.pt" if per_seed else f"{name}.pt")
         path.parent.mkdir(parents=True, exist_ok=True)
         if self.engine.num_processes > 1:
             exists = path.exists()

@@ -208,7 +208,9 @@ def _pretrained(cfg, family: str, seed: int, ctx, diffusion, data) -> torch.nn.M
     # (transfer draws timesteps, noise and label dropout from it), so results do not depend on which
     # arm or worker happened to build the shared model
     rng = rng_state()
-    state = ctx.shared(f"pretrained-{family}", pretrain, key=pretrain_key(cfg, family), collective=True)
+    # one scope for kind-fmnist and kind-fmnist-all: both transfer from the same pre-trained models
+    state = ctx.shared(f"pretrained-{family}", pretrain, key=pretrain_key(cfg, family), collective=True,
+                       scope="kind-pretrained")
     set_rng_state(rng)
     model.load_state_dict(state)  # (after training: the model's own weights, a no-op copy)
     return model

@@ -8,47 +8,19 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core.errors import UserError
-from ..core.io import atomic_write_bytes, atomic_write_json
+from ..core.io import atomic_write_bytes
+from ..core.pretrained import dedupe, read_pretrained_config, read_safetensors, read_weights, write_pretrained
 from .config import KindConfig
 from .layer import LEARNGENE_PARAMS, TAILOR_PARAMS
 from .model import TRAINABLE_GROUPS, _gate, convert, kind_layers, reset_class_embedders
 
-CONFIG_FILE = "transferlab_config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
 LEARNGENE_FORMAT = "transferlab.kind.learngenes/2"
-
-
-def _tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Contiguous CPU tensors with shared storage stored once; returns (tensors, alias -> stored name)."""
-    tensors, aliases, seen = {}, {}, {}
-    for k, v in state.items():
-        v = v.detach()
-        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
-        if v.numel() and ident in seen:
-            aliases[k] = seen[ident]
-            continue
-        seen[ident] = k
-        tensors[k] = v.contiguous().cpu()
-    return tensors, aliases
-
-
-def _read(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    state = load_file(file)
-    with safe_open(file, "pt") as f:
-        meta = f.metadata() or {}
-    state.update({k: state[v] for k, v in json.loads(meta.get("aliases", "{}")).items()})
-    return state, meta
 
 
 def current_config(model: nn.Module) -> tuple[KindConfig, int]:
@@ -71,33 +43,18 @@ def current_config(model: nn.Module) -> tuple[KindConfig, int]:
 def save_pretrained(model: nn.Module, directory) -> Path:
     """Write a KIND model to `directory`: transferlab_config.json = {"method": "kind", "version": 1,
     "config": KindConfig.to_dict(), "num_classes": gate classes} and its state_dict as model.safetensors."""
-    from safetensors.torch import save as st_save
 
     gate = _gate(model)
     if gate.merged_class is not None:
         raise UserError("this model was merged for one class; save the unmerged model (merge after loading)")
     cfg, num_classes = current_config(model)
-    tensors, aliases = _tensors(model.state_dict())
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / WEIGHTS_FILE, st_save(tensors, metadata={"aliases": json.dumps(aliases)}))
-    atomic_write_json(path / CONFIG_FILE, {"method": "kind", "version": FORMAT_VERSION, "config": cfg.to_dict(),
-                                           "num_classes": num_classes})
-    return path
+    return write_pretrained(directory, "kind", model.state_dict(),
+                            {"config": cfg.to_dict(), "num_classes": num_classes})
 
 
 def read_config(directory) -> tuple[KindConfig, int]:
     """(config, number of gate classes) stored by `save_pretrained` in `directory`."""
-    f = Path(directory) / CONFIG_FILE
-    if not f.exists():
-        raise UserError(f"{f} not found: this folder was not written by transferlab.kind.save_pretrained")
-    blob = json.loads(f.read_text())
-    if blob.get("method") != "kind":
-        raise UserError(f"{f} holds a {blob.get('method')!r} model, not KIND: load it with "
-                        f"transferlab.{blob.get('method')}.from_pretrained")
-    if blob.get("version") != FORMAT_VERSION:
-        raise UserError(f"{f} has format version {blob.get('version')!r}; this transferlab reads version "
-                        f"{FORMAT_VERSION}: upgrade transferlab")
+    blob = read_pretrained_config(directory, "kind")
     return KindConfig.from_dict(blob["config"]), int(blob["num_classes"])
 
 
@@ -105,15 +62,10 @@ def read_config(directory) -> tuple[KindConfig, int]:
 def from_pretrained(directory, model: nn.Module) -> nn.Module:
     """Convert `model` (the dense base architecture) with the saved config and load the saved weights
     (strict). The class embedders are resized to the saved number of classes first. In place; returns it."""
-    path = Path(directory)
-    cfg, num_classes = read_config(path)
-    wf = path / WEIGHTS_FILE
-    if not wf.exists():
-        raise UserError(f"{wf} not found: the folder is incomplete; save it again with "
-                        "transferlab.kind.save_pretrained")
+    cfg, num_classes = read_config(directory)
+    state = read_weights(directory, "kind")
     if hasattr(model, "kind_gate"):
         raise UserError("from_pretrained needs the dense base model, not one already converted to KIND")
-    state, _ = _read(wf)
     with torch.random.fork_rng(devices=[]):  # fresh factors are overwritten: leave the RNG as it was
         reset_class_embedders(model, num_classes)
         # random factors, not an SVD of the base weights: every factor is loaded next
@@ -142,7 +94,7 @@ def save_learngenes(model: nn.Module, path, include_dense: bool = False) -> Path
     """Write `extract_learngenes(model, include_dense)` to a safetensors file (atomically)."""
     from safetensors.torch import save as st_save
 
-    tensors, _ = _tensors(extract_learngenes(model, include_dense))
+    tensors, _ = dedupe(extract_learngenes(model, include_dense))
     return atomic_write_bytes(Path(path), st_save(tensors, metadata={"format": LEARNGENE_FORMAT}))
 
 
@@ -155,7 +107,7 @@ def load_learngenes(model: nn.Module, genes: dict[str, torch.Tensor] | str | Pat
         f = Path(genes)
         if not f.exists():
             raise UserError(f"learngene file {str(f)!r} does not exist")
-        genes, meta = _read(f)
+        genes, meta = read_safetensors(f)
         if meta.get("format") != LEARNGENE_FORMAT:
             raise UserError(f"{f} is not a learngene file (expected format {LEARNGENE_FORMAT}); write it with "
                             "transferlab.kind.save_learngenes")

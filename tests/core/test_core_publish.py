@@ -63,13 +63,15 @@ def test_a_hand_edit_is_caught(published, victim, tmp_path):
 def test_bench_publish_merges_and_is_checked(tmp_path):
     (tmp_path / "docs").mkdir()
     readme = tmp_path / "README.md"
-    readme.write_text("<!-- bench -->\n<!-- /bench -->\n")
+    readme.write_text("<!-- bench -->\n<!-- /bench -->\n<!-- bench: b -->\n<!-- /bench -->\n")
     path = tmp_path / "docs" / "results" / "bench.json"
     machine = {"device": "cpu", "hardware": "test cpu", "cores": 2, "threads": 1, "torch": "x", "date": "2026-01-01"}
     publish_bench(path, {"a": [Comparison("a", "new", "old", 1.0, 2.0, 1.2)]}, machine)
     publish_bench(path, {"b": [Comparison("b", "new", "old", 3.0, 2.0, 1.2)]}, machine)
     text = readme.read_text()
     assert "| a |" in text and "| b |" in text and "test cpu" in text
+    only_b = text.split("<!-- bench: b -->")[1]
+    assert "| b |" in only_b and "| a |" not in only_b
     assert check_bench(path, [readme]) == []
     readme.write_text(text.replace("0.500", "0.400"))
     assert check_bench(path, [readme])

@@ -126,7 +126,7 @@ def check_published(dest: str | Path, docs: list[Path] | None = None) -> list[st
 
 
 # ---- benchmarks --------------------------------------------------------------------------------
-BENCH_BLOCK = re.compile(r"(<!-- bench -->\n)(.*?)(<!-- /bench -->)", re.S)
+BENCH_BLOCK = re.compile(r"(<!-- bench(?:: ([a-z0-9-]+))? -->\n)(.*?)(<!-- /bench -->)", re.S)
 
 
 def machine_info(device: str, threads: int) -> dict:
@@ -162,12 +162,14 @@ def publish_bench(path: str | Path, results: dict[str, list], machine: dict) -> 
     return path
 
 
-def bench_markdown(data: dict) -> str:
-    """One table per machine: the rows of every benchmark measured there."""
+def bench_markdown(data: dict, only: str | None = None) -> str:
+    """One table per machine: the rows of every benchmark (or just `only`) measured there."""
     from .bench import Comparison, format_comparisons
 
     groups: dict[str, list] = {}
     for key in sorted(data):
+        if only is not None and key.split("@")[0] != only:
+            continue
         m = data[key]["machine"]
         label = (f"{m['hardware']}, {m['device']}, {m['threads']} thread(s), torch {m['torch']}, "
                  f"measured {m['date']}")
@@ -180,11 +182,15 @@ def bench_markdown(data: dict) -> str:
     return "\n".join(parts)
 
 
+def _bench_blocks(data: dict, text: str) -> str:
+    return BENCH_BLOCK.sub(lambda m: m.group(1) + bench_markdown(data, m.group(2)) + m.group(4), text)
+
+
 def refresh_bench_docs(path: Path, docs: list[Path]) -> None:
-    text_md = bench_markdown(json.loads(Path(path).read_text()))
+    data = json.loads(Path(path).read_text())
     for doc in docs:
         text = doc.read_text()
-        new = BENCH_BLOCK.sub(lambda m: m.group(1) + text_md + m.group(3), text)
+        new = _bench_blocks(data, text)
         if new != text:
             atomic_write_text(doc, new)
 
@@ -193,12 +199,12 @@ def check_bench(path: str | Path, docs: list[Path] | None = None) -> list[str]:
     path = Path(path)
     if not path.exists():
         return []
-    want = bench_markdown(json.loads(path.read_text()))
+    data = json.loads(path.read_text())
     problems = []
-    if path.with_suffix(".md").read_text() != want:
+    if path.with_suffix(".md").read_text() != bench_markdown(data):
         problems.append(f"{path.with_suffix('.md')} differs from what {path.name} generates")
     for doc in docs if docs is not None else default_docs(path.parent):
-        for m in BENCH_BLOCK.finditer(doc.read_text()):
-            if m.group(2) != want:
-                problems.append(f"{doc}: the bench block differs from {path}")
+        text = doc.read_text()
+        if _bench_blocks(data, text) != text:
+            problems.append(f"{doc}: a bench block differs from {path}; run `transferlab bench --publish {path}`")
     return problems

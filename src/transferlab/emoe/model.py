@@ -9,22 +9,17 @@ restores the class, so revert(convert(m)) gives back the state_dict bit for bit.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core.errors import UserError
-from ..core.io import atomic_write_bytes, atomic_write_json
+from ..core.pretrained import WEIGHTS_FILE, read_pretrained_config, read_weights, write_pretrained
 from .adapters import adapter_for, check_no_lora, emoe_class, refusal_for, supported_architectures
 from .cluster import split_permutation
 from .config import EMoEConfig
 from .layer import CosineRouter, EMoEState
-
-CONFIG_FILE = "transferlab_config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
 
 
 def ffn_hosts(model: nn.Module) -> list[nn.Module]:
@@ -185,9 +180,6 @@ def save_pretrained(model: nn.Module, directory) -> Path:
     also serves the paper's EMoE2Dense path. Tensors are made contiguous; tied tensors are stored once
     (the aliases are listed in the file's metadata).
     """
-    from safetensors.torch import save as st_save
-
-    path = Path(directory)
     cfg, perms = emoe_config(model)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
@@ -196,54 +188,23 @@ def save_pretrained(model: nn.Module, directory) -> Path:
         for p, axis in adapter_for(h).permuted(h):
             if p is not None:
                 state[names[id(p)]] = p.detach().index_select(axis, inverse.to(p.device))
-    tensors, aliases, seen = {}, {}, {}
-    for k, v in state.items():
-        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
-        if v.numel() and ident in seen:
-            aliases[k] = seen[ident]
-            continue
-        seen[ident] = k
-        tensors[k] = v.contiguous().cpu()
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / WEIGHTS_FILE, st_save(tensors, metadata={"aliases": json.dumps(aliases)}))
-    atomic_write_json(path / CONFIG_FILE, {"method": "emoe", "version": FORMAT_VERSION, "config": cfg.to_dict(),
-                                           "permutations": {str(k): v for k, v in perms.items()}})
-    return path
+    return write_pretrained(directory, "emoe", state, {"config": cfg.to_dict(),
+                                                        "permutations": {str(k): v for k, v in perms.items()}})
 
 
 def read_saved(directory) -> tuple[EMoEConfig, dict[int, list[int]]]:
     """(config, permutations) stored by save_pretrained in `directory`."""
-    f = Path(directory) / CONFIG_FILE
-    if not f.exists():
-        raise UserError(f"{f} not found: this folder was not written by transferlab.emoe.save_pretrained")
-    blob = json.loads(f.read_text())
-    if blob.get("method") != "emoe":
-        raise UserError(f"{f} holds a {blob.get('method')!r} model, not EMoE: load it with "
-                        f"transferlab.{blob.get('method')}.from_pretrained")
-    if blob.get("version") != FORMAT_VERSION:
-        raise UserError(f"{f} has format version {blob.get('version')!r}; this transferlab reads version "
-                        f"{FORMAT_VERSION}: upgrade transferlab")
+    blob = read_pretrained_config(directory, "emoe")
     return EMoEConfig.from_dict(blob["config"]), {int(k): v for k, v in blob["permutations"].items()}
 
 
 def from_pretrained(directory, model: nn.Module) -> nn.Module:
     """Load what save_pretrained wrote into `model` (the dense base model): weights (strict), then convert
     with the stored config and neuron orders. In place; returns `model`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(directory)
-    cfg, perms = read_saved(path)
-    wf = path / WEIGHTS_FILE
-    if not wf.exists():
-        raise UserError(f"{wf} not found: the folder is incomplete; save it again with "
-                        "transferlab.emoe.save_pretrained")
+    cfg, perms = read_saved(directory)
+    state = read_weights(directory, "emoe")
     if is_converted(model):
         raise UserError("from_pretrained needs the dense base model; call transferlab.emoe.revert(model) first")
-    state = load_file(wf)
-    with safe_open(wf, "pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    state.update({k: state[v] for k, v in aliases.items()})
     router = {k: v for k, v in state.items() if ".emoe_router." in k or k.startswith("emoe_router.")}
     dense = {k: v for k, v in state.items() if k not in router}
     model.load_state_dict(dense, strict=True)
@@ -252,7 +213,7 @@ def from_pretrained(directory, model: nn.Module) -> nn.Module:
     expected = {k for k in model.state_dict() if ".emoe_router." in k or k.startswith("emoe_router.")}
     if set(router) != expected:
         revert(model)
-        raise UserError(f"{wf}: router tensors {sorted(router)} do not match the config's {sorted(expected)}; "
-                        "the file belongs to another model or config")
+        raise UserError(f"{Path(directory) / WEIGHTS_FILE}: router tensors {sorted(router)} do not match the "
+                        f"config's {sorted(expected)}; the file belongs to another model or config")
     model.load_state_dict({**model.state_dict(), **router}, strict=True)
     return model

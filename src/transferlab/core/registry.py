@@ -68,6 +68,7 @@ class Experiment:
     lower_is_better: tuple[str, ...] | None = None  # metrics where smaller is better (default: by name)
     extra_arms: tuple[str, ...] = ()  # arms that exist but are not run by default (`--set arms=...` adds them)
     primary: str | None = None  # the metric the paper's claim is about (default: the first of `metrics`)
+    baseline: str | None = None  # the arm the summary compares the method to (default: the reference arm)
 
     @property
     def known_arms(self) -> tuple[str, ...]:
@@ -116,7 +117,8 @@ _loaded = False
 
 
 def register_experiment(name, *, config, reference, metrics, description, profiles, plot=None, method=None,
-                        headline=(), cpu_minutes=None, lower_is_better=None, extra_arms=(), primary=None):
+                        headline=(), cpu_minutes=None, lower_is_better=None, extra_arms=(), primary=None,
+                        baseline=None):
     names = {f.name for f in dataclasses.fields(config)}
     missing = {"arms", "seeds"} - names
     if missing:
@@ -133,7 +135,7 @@ def register_experiment(name, *, config, reference, metrics, description, profil
         _EXPERIMENTS[name] = Experiment(name, fn, config, reference, tuple(metrics), description, profiles, plot,
                                         method, tuple(headline), cpu_minutes,
                                         None if lower_is_better is None else tuple(lower_is_better),
-                                        tuple(extra_arms), primary)
+                                        tuple(extra_arms), primary, baseline)
         return fn
 
     return deco

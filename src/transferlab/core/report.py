@@ -136,18 +136,18 @@ def render_experiment(out_dir: Path) -> dict | None:
 
 
 def headline(r: dict) -> dict:
-    """The one-line summary of an experiment: method arm minus reference arm on the primary metric."""
+    """The one-line summary of an experiment: method arm minus baseline arm on the primary metric."""
     exp, summary = r["exp"], r["summary"]
     arms = [e["arm"] for e in summary]
-    method = exp.method_arm(arms)
-    entry = next((e for e in summary if e["arm"] == method), None)
+    method, base = exp.method_arm(arms), exp.baseline or exp.reference
     metric = exp.primary_metric
-    diff = None if entry is None else entry["Δ" + metric]
     per_seed = {arm: {row["seed"]: float(row["metrics"][metric]) for row in r["rows"]
-                      if row["arm"] == arm and _scalar(row["metrics"].get(metric))} for arm in (method, exp.reference)}
-    mde = minimal_detectable_effect(paired_values(per_seed[method], per_seed[exp.reference]))
+                      if row["arm"] == arm and _scalar(row["metrics"].get(metric))} for arm in (method, base)}
+    diffs = paired_values(per_seed[method], per_seed[base]) if method in arms and base in arms else []
+    diff = mean_ci(diffs) if diffs else None
+    mde = minimal_detectable_effect(diffs)
     words = "–" if diff is None else verdict(diff[0], diff[1], mde, exp.higher_is_better(metric))
-    return {"experiment": exp.name, "profile": r["latest"]["profile"], "reference": exp.reference, "method": method,
+    return {"experiment": exp.name, "profile": r["latest"]["profile"], "reference": base, "method": method,
             "metric": metric, "diff": diff, "n": 0 if diff is None else diff[2], "mde": mde, "verdict": words}
 
 
@@ -155,7 +155,7 @@ def summary_markdown(heads: list[dict], link: str = "#{}") -> str:
     """One row per experiment: method − reference on the primary metric, its CI, MDE and a verdict.
 
     `link` formats each experiment's link target (an anchor in the report, a file in the docs)."""
-    lines = ["| experiment | profile | method − reference | metric | paired Δ (95% CI) | seeds | verdict |",
+    lines = ["| experiment | profile | method − baseline | metric | paired Δ (95% CI) | seeds | verdict |",
              "|---|---|---|---|---|---|---|"]
     for h in heads:
         smoke = " (smoke run)" if h["profile"] == "quick" else ""
@@ -193,13 +193,6 @@ def write_experiment_report(out_dir: Path) -> tuple[str, list[Path]] | None:
 
 
 def _call_plot(exp, rows, cfg_dict, out_dir) -> Figures:
-    import inspect
-
-    params = list(inspect.signature(exp.plot).parameters.values())
-    if len(params) > 1 and params[1].annotation in (dict, "dict"):  # TRANSITION: hooks still on the dict form
-        paths = exp.plot(rows, cfg_dict, out_dir)
-        notes = out_dir / "notes.md"
-        return Figures(list(paths or []), notes.read_text() if notes.exists() else "")
     figures = exp.plot(rows, config_from_dict(exp.config, cfg_dict), out_dir)
     if not isinstance(figures, Figures):
         raise TypeError(f"the plot hook of {exp.name} must return core.registry.Figures, got {type(figures)}")

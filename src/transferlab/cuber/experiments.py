@@ -280,7 +280,7 @@ class PermutedConfig(StreamConfig):
 
 
 @register_experiment(
-    "cuber-pfmnist", config=PermutedConfig, reference="gpm", metrics=METRICS, method="cuber",
+    "cuber-pfmnist", config=PermutedConfig, reference="gpm", metrics=METRICS, method="cuber", primary="bwt",
     description="10 permuted Fashion-MNIST tasks, MLP 784-100-100-10 without bias, SGD lr 0.01 batch 10, "
                 "5 epochs (GPM's PMNIST protocol): finetune/EWC/GPM/TRGP/CUBER/multitask",
     # quick: 4 tasks x 3600 images, lr 0.05 so a few hundred steps learn each task (demo, not the protocol)
@@ -326,7 +326,7 @@ class SplitConfig(StreamConfig):
 
 
 @register_experiment(
-    "cuber-split-fmnist", config=SplitConfig, reference="gpm", metrics=METRICS, method="cuber",
+    "cuber-split-fmnist", config=SplitConfig, reference="gpm", metrics=METRICS, method="cuber", primary="bwt",
     description="Split Fashion-MNIST 5x2 classes, multi-head CNN (conv GPM via im2col, BN without running stats)",
     profiles={"quick": {"seeds": 2, "n_train": 300, "n_test": 300, "epochs": 2, "arms": ("gpm", "trgp", "cuber")},
               "tiny": {"seeds": 1, "val_seeds": 1, "n_train": 20, "n_test": 20, "epochs": 1, "n_samples": (4, 4, 8),
@@ -358,7 +358,7 @@ class RotatedConfig(StreamConfig):
 
 
 @register_experiment(
-    "cuber-rotated-fmnist", config=RotatedConfig, reference="gpm", metrics=METRICS, method="cuber",
+    "cuber-rotated-fmnist", config=RotatedConfig, reference="gpm", metrics=METRICS, method="cuber", primary="bwt",
     cpu_minutes={"quick": 1.5, "cpu": 57, "cpu-long": 40},
     description="10 rotated Fashion-MNIST tasks (0..72 deg, 1000 images each), MLP without bias: "
                 "can CUBER turn GPM's no-forgetting into positive backward transfer?",
@@ -395,7 +395,7 @@ class ChunksConfig(StreamConfig):
 
 
 @register_experiment(
-    "cuber-chunks-fmnist", config=ChunksConfig, reference="gpm", metrics=METRICS, method="cuber",
+    "cuber-chunks-fmnist", config=ChunksConfig, reference="gpm", metrics=METRICS, method="cuber", primary="bwt",
     cpu_minutes={"quick": 0.2, "cpu": 29},
     description="one 10-class Fashion-MNIST problem in 5 disjoint 500-image chunks, one head, fixed budget: "
                 "every pair positively correlated, so a working CUBER moves BWT from GPM's towards finetune's",
@@ -435,7 +435,7 @@ class PairsConfig(SplitConfig):
 
 
 @register_experiment(
-    "cuber-pairs-fmnist", config=PairsConfig, reference="gpm", metrics=METRICS, method="cuber",
+    "cuber-pairs-fmnist", config=PairsConfig, reference="gpm", metrics=METRICS, method="cuber", primary="bwt",
     cpu_minutes={"quick": 0.3, "cpu": 78},
     description="6 binary Fashion-MNIST tasks sharing a class (T-shirt/shirt, shirt/pullover, ...), 320 training "
                 "images each, multi-head CNN, validation early stopping with best-model restore",

@@ -389,7 +389,7 @@ _CPU = {"arms": ("dense", "emoe", "emoe-official"), "seeds": 8, "n_train": 3000,
 
 
 @register_experiment(
-    "emoe-wordnet", config=EMoEWordnetConfig, reference="dense",
+    "emoe-wordnet", config=EMoEWordnetConfig, reference="dense", method="emoe",
     metrics=("ood_acc", "id_acc", "ood_f1", "id_f1", "val_acc"),
     description="EMoE vs dense fine-tuning of all-MiniLM-L6-v2 on WordNet supersenses (ID glosses, OOD examples)",
     profiles={

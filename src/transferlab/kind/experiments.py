@@ -457,7 +457,7 @@ METRICS = ("fmnist_fid", "class_acc", "heldout_mse", "precision", "recall", "fid
            "class_acc_g2", "precision_g2", "recall_g2", "trainable_params", "mflops")
 
 register_experiment(
-    "kind-fmnist", config=KindFmnistConfig, reference="kind",
+    "kind-fmnist", config=KindFmnistConfig, reference="kind", method="kind", baseline="full_finetune",
     metrics=METRICS,
     description="KIND: DiT pre-trained on 6 Fashion-MNIST classes, few-shot (100/class) transfer to 4 held-out "
                 "classes; KIND vs full fine-tuning, LoRA, SVDiff, scratch, no-gate ablation",
@@ -465,7 +465,7 @@ register_experiment(
 )(kind_fmnist)
 
 register_experiment(
-    "kind-fmnist-all", config=KindFmnistConfig, reference="kind",
+    "kind-fmnist-all", config=KindFmnistConfig, reference="kind", method="kind", baseline="full_finetune",
     metrics=METRICS,
     description="KIND on Fashion-MNIST 6 -> 4 classes with every training image of the target classes",
     # the demo runs this regime with one seed only (the few-shot experiment has two), to fit its time budget

@@ -10,7 +10,6 @@
 from .aggregator import Aggregator
 from .baselines import ERM, BNAdapt, Tent
 from .config import MetaDMoEConfig
-from .model import AdaptedStudent, MetaDMoE, check_backbone, check_batch
+from .model import AdaptedStudent, MetaDMoE
 
-__all__ = ["Aggregator", "MetaDMoE", "MetaDMoEConfig", "AdaptedStudent", "ERM", "BNAdapt", "Tent",
-           "check_backbone", "check_batch"]
+__all__ = ["Aggregator", "MetaDMoE", "MetaDMoEConfig", "AdaptedStudent", "ERM", "BNAdapt", "Tent"]

@@ -163,17 +163,20 @@ def publish_bench(path: str | Path, results: dict[str, list], machine: dict) -> 
 
 
 def bench_markdown(data: dict, only: str | None = None) -> str:
-    """One table per machine: the rows of every benchmark (or just `only`) measured there."""
+    """One table per machine: the rows of every benchmark (or just `only`) measured there.
+
+    `only="targets"` keeps every benchmark's rows that carry a target (the README's short table)."""
     from .bench import Comparison, format_comparisons
 
     groups: dict[str, list] = {}
     for key in sorted(data):
-        if only is not None and key.split("@")[0] != only:
+        if only not in (None, "targets") and key.split("@")[0] != only:
             continue
         m = data[key]["machine"]
         label = (f"{m['hardware']}, {m['device']}, {m['threads']} thread(s), torch {m['torch']}, "
                  f"measured {m['date']}")
-        groups.setdefault(label, []).extend(data[key]["rows"])
+        rows = [r for r in data[key]["rows"] if only != "targets" or r.get("target") is not None]
+        groups.setdefault(label, []).extend(rows)
     fields = {"name", "candidate", "baseline", "value", "reference", "target", "mode", "unit", "note"}
     parts = []
     for label, rows in groups.items():

@@ -227,11 +227,12 @@ def write_report(out: str | Path = "results") -> tuple[Path, Path]:
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;display:block;overflow-x:auto;max-width:100%}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}"
-             "td:first-child,th:first-child{text-align:left}img{max-width:100%;height:auto;margin:6px 0}"
+             "td:first-child,th:first-child{text-align:left}td:last-child{white-space:normal;min-width:12em}"
+             "img{max-width:100%;height:auto;margin:6px 0}"
              "nav li{margin:2px 0}.note{background:#f6f6e8;padding:6px 10px;border-left:4px solid #cc9}")
     html_parts = ["<!doctype html><html><head><meta charset='utf-8'><title>transferlab report</title>",
                   f"<style>{style}</style></head><body><h1>transferlab report</h1>",
-                  f"<p class='note'>{html.escape(SMOKE_NOTE)}</p><h2>Summary</h2>", _md_to_html(summary),
+                  f"<p class='note'>{_inline(SMOKE_NOTE)}</p><h2>Summary</h2>", _md_to_html(summary),
                   "<nav><h2>Contents</h2><ul>" + "".join(f"<li><a href='#{n}'>{html.escape(n)}</a></li>"
                                                          for n, _, _ in sections) + "</ul></nav>"]
     for name, section, pngs in sections:

@@ -138,33 +138,3 @@ def test_demo_rejects_unknown_experiment_before_running(tmp_path, capsys):
     assert main(["demo", "--only", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown experiment 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "report.md").exists()
-
-
-def test_cached_torch_computes_once_and_waits_for_a_concurrent_writer(tmp_path):
-    import multiprocessing as mp
-
-    import torch
-
-    from transferlab.core.io import cached_torch
-
-    calls = []
-    path = tmp_path / "shared" / "teacher.pt"
-    first = cached_torch(path, lambda: calls.append(1) or {"w": torch.ones(2)})
-    again = cached_torch(path, lambda: calls.append(1) or {"w": torch.zeros(2)})
-    assert calls == [1] and torch.equal(first["w"], again["w"])
-    assert not (tmp_path / "shared" / "teacher.pt.lock").exists()  # the lock file is hidden
-    assert cached_torch(None, lambda: 7) == 7
-    # two processes asking at once: the second waits on the lock and loads the first one's file
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(2) as pool:
-        got = pool.starmap(_slow_cached, [(str(tmp_path / "race.pt"), i) for i in range(2)])
-    assert got[0] == got[1]
-
-
-def _slow_cached(path, i):
-    from transferlab.core.io import cached_torch
-
-    def compute():
-        time.sleep(0.5)
-        return i
-    return cached_torch(path, compute)

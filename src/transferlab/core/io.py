@@ -71,33 +71,6 @@ def append_jsonl(path, record: dict) -> None:
         os.close(fd)
 
 
-def cached_torch(path, compute, save: bool = True, lock: bool = True):
-    """`torch.load(path)` if it exists, else `compute()`, saved atomically (when `save`) and returned.
-
-    Under an exclusive lock on the hidden file ".<name>.lock" beside `path`: workers of `run --jobs N`
-    that need the same artifact (a teacher shared by every arm and seed) wait for the first one
-    instead of all computing it. `path=None` just computes. `lock=False` is for the ranks of one
-    distributed run, which compute together: a rank waiting on the lock would never reach a barrier
-    inside `compute` (e.g. a checkpoint) that the rank holding it waits at.
-    """
-    if path is None:
-        return compute()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o666)
-    try:
-        if fcntl is not None and lock:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        if path.exists():
-            return torch.load(path, map_location="cpu", weights_only=True)
-        obj = compute()
-        if save:
-            atomic_torch_save(obj, path)
-        return obj
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
 def read_jsonl(path) -> list[dict]:
     path = Path(path)
     if not path.exists():

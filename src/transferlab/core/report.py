@@ -201,7 +201,7 @@ def _call_plot(exp, rows, cfg_dict, out_dir) -> Figures:
 
 SMOKE_NOTE = ("Rows from the `quick` profile are smoke runs (tiny data, few seeds): they show that an experiment "
               "runs end to end, not whether the method works. The reported results are the `cpu` profiles "
-              "published under docs/results/.")
+              "published under [docs/results/](../docs/results/), summarised in the README.")
 
 
 def write_report(out: str | Path = "results") -> tuple[Path, Path]:

@@ -13,7 +13,9 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
 def test_readme_is_short_and_has_the_quickstarts():
-    assert len(README.read_text().splitlines()) <= 250
+    # the generated tables grow with each published experiment; the hand-written text stays short
+    text = re.sub(r"<!-- (summary|bench[^>]*) -->\n.*?<!-- /(summary|bench) -->", "", README.read_text(), flags=re.S)
+    assert len(text.splitlines()) <= 230
     assert len(BLOCKS) >= 5
 
 

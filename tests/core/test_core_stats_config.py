@@ -120,3 +120,10 @@ def test_config_from_dict_rebuilds_nested_configs_and_tuples():
     cfg = apply_overrides(Outer(), ["method.top_k=4", "arms=a"])
     assert config_from_dict(Outer, to_dict(cfg)) == cfg
     assert config_from_dict(Outer, {**to_dict(cfg), "dropped_field": 1}) == cfg  # old folders still render
+
+
+def test_config_from_dict_routes_flat_keys_of_an_older_version_into_the_nested_config():
+    from transferlab.core.config import config_from_dict
+
+    old_flat = {"arms": ["a"], "seeds": 1, "top_k": 4}
+    assert config_from_dict(Outer, old_flat).method == Inner(top_k=4)

@@ -89,8 +89,8 @@ def test_arms_name_their_rule_and_unknown_arms_fail():
     assert ex.arm_rule("gpm_long") is None
     with pytest.raises(UserError, match="unknown arm"):
         ex.ChunksConfig(arms=("gpm", "cuber_sideways"))
-    assert "rule=gate" in ex.rule_label("cuber_gate", ex.StreamConfig(rule="free"))
-    assert "rule=free" in ex.rule_label("cuber", ex.StreamConfig(rule="free"))
+    assert "rule=gate" in ex.rule_label("cuber_gate", ex.StreamConfig(method=ex.CUBERConfig(rule="free")))
+    assert "rule=free" in ex.rule_label("cuber", ex.StreamConfig(method=ex.CUBERConfig(rule="free")))
     assert "from free/gate" in ex.rule_label("cuber_val", ex.StreamConfig(val_rules=("free", "gate")))
 
 
@@ -115,8 +115,8 @@ def test_new_streams_run_and_report_the_rule(tmp_path, name, arms):
 def test_notes_give_a_verdict_per_comparison():
     rows = [{"arm": a, "seed": s, "metrics": {"bwt": v + s * 0.1, "acc": 50.0 + s}}
             for s in range(4) for a, v in (("gpm", 0.0), ("trgp", 1.0), ("cuber", 2.0))]
-    cfg = ex.StreamConfig(arms=("gpm", "trgp", "cuber"), rule="free", corr_space="subspace", eps_corr=0.0,
-                          trust_radius=0.0, step_scale=1.0)
+    cfg = ex.StreamConfig(arms=("gpm", "trgp", "cuber"), method=ex.CUBERConfig(
+        rule="free", corr_space="subspace", eps_corr=0.0, trust_radius=0.0, step_scale=1.0))
     notes = ex.checks_markdown(rows, cfg)
     assert "BWT cuber − gpm: 2.00 ± 0.00 over 4 seeds (CI above 0)" in notes
     assert "BWT cuber − trgp: 1.00 ± 0.00 over 4 seeds (CI above 0)" in notes

@@ -165,16 +165,24 @@ def _rebuild(cfg, tree: dict):
 def config_from_dict(cls, d: dict):
     """Rebuild a config dataclass from `to_dict`'s output (lists become tuples, dicts nested configs).
 
-    Keys the class no longer has are ignored, so a results folder written by an older version
-    still renders; missing keys take their defaults."""
+    A flat key that now lives in a nested config (an older, flat version of the class) is routed
+    into it; keys the class no longer has are ignored, so a results folder written by an older
+    version still renders; missing keys take their defaults."""
     kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.name not in d and dataclasses.is_dataclass(default):
+            inner = {g.name for g in dataclasses.fields(default)}
+            flat = {k: v for k, v in d.items() if k in inner and k not in names}
+            if flat:
+                kwargs[f.name] = config_from_dict(type(default), {**to_dict(default), **flat})
+            continue
         if f.name not in d:
             continue
         v = d[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else None
         if isinstance(v, dict) and dataclasses.is_dataclass(default):
-            v = config_from_dict(type(default), v)
+            v = config_from_dict(type(default), {**to_dict(default), **v})
         elif isinstance(v, list):
             v = _tuples(v)
         kwargs[f.name] = v

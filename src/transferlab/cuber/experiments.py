@@ -14,6 +14,7 @@ Reported: ACC, BWT, FWT (vs the untrained model), forgetting, and the accuracy m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -63,18 +64,10 @@ class StreamConfig:
     restore_best: bool = field(True, "with patience > 0, restore the best-validation weights (GPM's CIFAR code)")
     lr: float = field(0.01, "SGD learning rate (fresh optimiser per task, no momentum)")
     batch_size: int = field(10, "batch size")
-    thresholds: tuple[float, ...] = field((0.95, 0.99, 0.99), "GPM energy thresholds per protected layer")
-    threshold_step: float = field(0.0, "threshold increase per task")
-    n_samples: tuple[int, ...] = field((300,), "representation samples per layer")
-    rep_batch: int | None = field(125, "forward batch for representations (matters with BN; GPM: one batch of 125)")
-    eps_proj: float = field(0.2, "TRGP/CUBER trust-region threshold eps_1")
-    eps_corr: float = field(0.0, "[reconstructed] CUBER positive-correlation threshold (cosine)")
-    rule: str = field("free", "[reconstructed] Regime-3 rule of the `cuber` arm (see CUBERConfig.rule)")
     val_rules: tuple[str, ...] = field(("free", "agem", "gate", "backward"), "rules the cuber_val arm chooses from")
-    corr_space: str = field("subspace", "[reconstructed] CUBER correlation cosine: subspace or full")
-    step_scale: float = field(1.0, "[reconstructed] CUBER in-subspace step scale")
-    trust_radius: float = field(0.0, "[reconstructed] CUBER in-subspace trust radius (0 = unbounded)")
-    scale_regime3: bool = field(True, "[reconstructed] CUBER: Regime-3 old tasks also get TRGP's scaling matrix Q")
+    method: CUBERConfig = field(CUBERConfig(), "GPM / TRGP / CUBER settings shared by the projection arms (the "
+                                "gpm and trgp arms read the fields of their own configs); flat keys reach them: "
+                                "--set rule=gate, --set thresholds=0.97")
     ewc_grid: tuple[float, ...] = field((1.0, 10.0, 100.0, 1000.0, 10000.0), "EWC lambdas; the one with the best "
                                         "mean validation ACC over val_seeds is used")
     long_epochs: int = field(0, "epochs per task of the *_long arms (0 = 3x epochs)")
@@ -92,9 +85,8 @@ class StreamConfig:
             raise UserError("val_seeds must be >= 1 and ewc_grid / val_rules non-empty")
         for arm in self.arms:
             arm_rule(arm)  # unknown arms fail here, before any run
-        for r in (self.rule, *self.val_rules):
-            CUBERConfig(rule=r)
-        GPMConfig(thresholds=self.thresholds)  # validates thresholds with a clear error
+        for r in self.val_rules:
+            CUBERConfig(rule=r)  # validates each rule with a clear error
 
 
 def arm_rule(arm: str) -> str | None:
@@ -108,25 +100,22 @@ def arm_rule(arm: str) -> str | None:
     raise UserError(f"unknown arm {arm!r}; {ARMS_HELP}")
 
 
-def gpm_kwargs(cfg) -> dict:
-    return dict(thresholds=cfg.thresholds, threshold_step=cfg.threshold_step, n_samples=cfg.n_samples,
-                rep_batch=cfg.rep_batch)
+def _as(cls, m: CUBERConfig):
+    """`m`'s values of the fields `cls` has (GPMConfig and TRGPConfig are CUBERConfig's bases)."""
+    return cls(**{f.name: getattr(m, f.name) for f in dataclasses.fields(cls)})
 
 
 def make_strategy(arm: str, model, cfg, forward=None, ewc_lam: float | None = None, rule: str | None = None):
-    g = gpm_kwargs(cfg)
+    m = cfg.method
     if arm == "finetune":
         return Finetune(model, forward)
     if arm == "ewc":
         return EWC(model, EWCConfig(lam=cfg.ewc_grid[0] if ewc_lam is None else ewc_lam), forward)
     if arm in ("gpm", "gpm_long"):
-        return GPM(model, GPMConfig(**g), forward)
+        return GPM(model, _as(GPMConfig, m), forward)
     if arm in ("trgp", "trgp_long"):
-        return TRGP(model, TRGPConfig(**g, eps_proj=cfg.eps_proj), forward)
-    r = arm_rule(arm)
-    return CUBER(model, CUBERConfig(**g, eps_proj=cfg.eps_proj, eps_corr=cfg.eps_corr, rule=rule or r or cfg.rule,
-                                    step_scale=cfg.step_scale, scale_regime3=cfg.scale_regime3,
-                                    trust_radius=cfg.trust_radius, corr_space=cfg.corr_space), forward)
+        return TRGP(model, _as(TRGPConfig, m), forward)
+    return CUBER(model, replace(m, rule=rule or arm_rule(arm) or m.rule), forward)
 
 
 def fit_arm(cfg, arm: str, seed: int, device, tasks, make_model, forward=None, engine=None,
@@ -229,9 +218,10 @@ def _by_seed(rows, arm, metric):
 def rule_label(arm: str, cfg: StreamConfig) -> str:
     """What a CUBER column ran: its rule and the Regime-3 settings."""
     r = arm_rule(arm)
-    rule = "chosen on validation from " + "/".join(cfg.val_rules) if arm == "cuber_val" else (r or cfg.rule)
-    return (f"rule={rule}, corr_space={cfg.corr_space}, eps_corr={cfg.eps_corr}, "
-            f"trust_radius={cfg.trust_radius}, step_scale={cfg.step_scale}")
+    m = cfg.method
+    rule = "chosen on validation from " + "/".join(cfg.val_rules) if arm == "cuber_val" else (r or m.rule)
+    return (f"rule={rule}, corr_space={m.corr_space}, eps_corr={m.eps_corr}, "
+            f"trust_radius={m.trust_radius}, step_scale={m.step_scale}")
 
 
 def checks_markdown(rows: list[dict], cfg: StreamConfig) -> str:
@@ -313,10 +303,10 @@ class SplitConfig(StreamConfig):
     n_test: int | None = field(None, "test images per class (None = all 1000)")
     epochs: int = field(3, "SGD epochs per task")
     batch_size: int = field(64, "batch size (GPM's CIFAR protocol)")
-    thresholds: tuple[float, ...] = field((0.97,), "energy threshold per layer (GPM CIFAR: 0.97 + 0.003 t)")
-    threshold_step: float = field(0.003, "threshold increase per task (GPM CIFAR)")
-    n_samples: tuple[int, ...] = field((24, 100, 125), "representation samples: conv1, conv2, fc (GPM AlexNet)")
-    eps_proj: float = field(0.5, "trust-region threshold eps_1 (TRGP CIFAR: 0.5)")
+    method: CUBERConfig = field(CUBERConfig(thresholds=(0.97,), threshold_step=0.003, n_samples=(24, 100, 125),
+                                            eps_proj=0.5),
+                                "GPM / TRGP / CUBER settings: GPM's CIFAR protocol (threshold 0.97 + 0.003 t; "
+                                "samples 24 / 100 / 125 for conv1, conv2, fc) and TRGP's CIFAR eps_1 = 0.5")
     width: int = field(16, "channels of the first conv (second has 2x)")
 
     def __post_init__(self):
@@ -426,7 +416,10 @@ class PairsConfig(SplitConfig):
     lr_min: float = field(5e-3, "stop once the lr falls below this (GPM CIFAR: 1e-5 from lr 0.01)")
     lr: float = field(0.05, "SGD learning rate")
     batch_size: int = field(32, "batch size")
-    threshold_step: float = field(0.0, "threshold increase per task")
+    method: CUBERConfig = field(CUBERConfig(thresholds=(0.97,), threshold_step=0.0, n_samples=(24, 100, 125),
+                                            eps_proj=0.5),
+                                "GPM / TRGP / CUBER settings: GPM's CIFAR threshold 0.97 without the per-task "
+                                "increase (the tasks are few and small), TRGP's CIFAR eps_1 = 0.5")
 
     def __post_init__(self):
         StreamConfig.__post_init__(self)

@@ -245,3 +245,38 @@ def test_wide_batches_fall_back_to_weight_gradient_projection_and_stay_projected
     for n in ("0", "2"):
         g, M = strat.memory.modules[n].weight.grad, strat.memory.bases[n]
         assert (g @ M).norm() <= 1e-5 * g.norm()
+
+
+@pytest.mark.parametrize("rank", [2, 9])  # thin "sub" factor and thin "keep" complement
+def test_dense_small_layer_projector_gives_the_thin_factors_gradient(rank):
+    torch.manual_seed(0)
+    M, _ = torch.linalg.qr(torch.randn(12, rank))
+    M2, _ = torch.linalg.qr(torch.randn(8, 3))
+    grads = {}
+    for dense_max in (0, 256):
+        model = nn.Sequential(nn.Linear(12, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False))
+        strat = GPM(model, GPMConfig(thresholds=(0.9,)))
+        strat.memory.dense_max = dense_max
+        strat.memory.bases = {"0": M, "2": M2}
+        strat.memory._factors = {}
+        assert strat.memory.factor("0")[0] == ("dense" if dense_max else ("sub" if rank == 2 else "keep"))
+        model[0].weight.grad = torch.ones(8, 12) + torch.arange(12.0)
+        model[2].weight.grad = torch.ones(3, 8) * torch.arange(8.0)
+        strat.memory.project_()
+        grads[dense_max] = [model[i].weight.grad.clone() for i in (0, 2)]
+        assert (grads[dense_max][0] @ M).norm() < 1e-4
+    for a, b in zip(grads[0], grads[256]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_input_cache_projects_small_layers_on_the_weight_gradient_not_in_backward():
+    model = nn.Sequential(nn.Linear(300, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False))
+    x = torch.randn(40, 5) @ torch.randn(5, 300)
+    for cache, fast in ((False, {"0", "2"}), (True, {"0"})):  # 300 > 256: the cached (first) layer
+        strat = GPM(model, GPMConfig(thresholds=(0.9,), input_cache=cache))
+        strat.before_task(0, [(x, None)])
+        strat.after_task(0, [(x, None)])
+        strat.before_task(1, [(x, None)])
+        assert strat.fast == fast
+        assert [strat.memory.factor(n)[0] == "dense" for n in ("0", "2")] == [False, cache]
+        strat.detach()

@@ -110,9 +110,9 @@ def _step_comparisons(n_tasks: int, bases: dict, tasks, device: str, epochs: int
                     p.factor = None
             for b in idx:
                 if mode == "cached":
-                    strat.feed_projected(XP[b])
+                    strat.feed_projected(XP.index_select(0, b))
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(X[b]), y[b]).backward()
+                F.cross_entropy(model(X.index_select(0, b)), y[b]).backward()
                 if mode == "dense":  # GPM's code: g <- g - g (M M^T), dense m x m per layer
                     for n, P in dense.items():
                         w = strat.memory.modules[n].weight

@@ -36,7 +36,9 @@ class GPMConfig:
                                    "layer has outputs, where it is cheaper [reconstructed speed-up]")
     input_cache: bool = field(False, "[reconstructed speed-up] project the first protected layer's training inputs "
                               "once per task (`project_inputs`) instead of every step; needs the task's whole "
-                              "training set in memory and a bias-free first Linear that sees the raw input")
+                              "training set in memory and a bias-free first Linear that sees the raw input; the other "
+                              "layers with fan-in <= 256 then project their weight gradient with one dense m x m "
+                              "complement projector (one matmul: the same gradient up to rounding)")
     freeze_bn_after_first: bool = field(True, "zero the gradients of 1-D parameters (BN affine, biases) of shared "
                                         "layers after task 0, as GPM's code does")
     exclude: tuple[str, ...] = field(("heads",), "module-name substrings that are task-specific (not protected)")

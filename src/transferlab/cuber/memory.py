@@ -204,6 +204,10 @@ class GradientProjectionMemory:
         self.lowrank_q = lowrank_q
         self.bases: dict[str, torch.Tensor] = {}  # float32, on the layer's device
         self._factors: dict[str, tuple[str, torch.Tensor]] = {}
+        # Layers with fan-in m <= dense_max project with one dense m x m complement I - M M^T (one
+        # matmul instead of two and a subtraction): at such sizes a step costs per-op overhead, not
+        # flops. 0 (default) keeps the thin factors; GPM's `input_cache` recipe sets it.
+        self.dense_max = 0
 
     def threshold(self, task_id: int, i: int) -> float:
         t = self.thresholds
@@ -297,13 +301,17 @@ class GradientProjectionMemory:
 
     # ---- projection ----------------------------------------------------------------------------
     def factor(self, name: str) -> tuple[str, torch.Tensor] | None:
-        """("sub", M) to compute g - g M M^T, or ("keep", N) to compute g N N^T when N is thinner."""
+        """("sub", M) to compute g - g M M^T, ("keep", N) to compute g N N^T when N is thinner, or
+        ("dense", I - M M^T) for layers with fan-in up to `dense_max`."""
         if name not in self.bases or self.bases[name].shape[1] == 0:
             return None
         if name not in self._factors:
             M = self.bases[name]
             m, r = M.shape
-            if r > m // 2:
+            if m <= self.dense_max:
+                eye = torch.eye(m, dtype=torch.float64, device=M.device)
+                self._factors[name] = ("dense", (eye - M.double() @ M.double().T).float())
+            elif r > m // 2:
                 Q, _ = torch.linalg.qr(M.double(), mode="complete")
                 self._factors[name] = ("keep", Q[:, r:].float().contiguous())
             else:
@@ -322,6 +330,8 @@ class GradientProjectionMemory:
             mode, B = f
             if mode == "sub":
                 g.sub_((g @ B) @ B.T)
+            elif mode == "dense":
+                g.copy_(g @ B)
             else:
                 g.copy_((g @ B) @ B.T)
 

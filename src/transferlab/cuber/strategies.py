@@ -23,6 +23,9 @@ from .config import EWCConfig, GPMConfig
 from .layer import LayerPatch
 from .memory import GradientProjectionMemory
 
+# fan-in up to which `GPMConfig.input_cache` projects a layer with one dense m x m complement projector
+DENSE_PROJECTOR_MAX = 256
+
 Forward = Callable[[nn.Module, torch.Tensor, int], torch.Tensor]
 
 
@@ -158,6 +161,8 @@ class GPM(Strategy):
         self.shared_1d = [p for name, p in model.named_parameters()
                           if p.dim() == 1 and not any(e in name for e in cfg.exclude)]
         self.fast: set[str] = set()
+        if cfg.input_cache:  # the speed recipe: small layers' projections cost dispatch, not flops
+            self.memory.dense_max = DENSE_PROJECTOR_MAX
 
     def detach(self) -> None:
         """Restore the layers' original forward methods."""
@@ -166,7 +171,8 @@ class GPM(Strategy):
 
     def _fast_ok(self, name: str) -> bool:
         mod = self.memory.modules[name]
-        return self.cfg.input_projection and isinstance(mod, nn.Linear) and mod.bias is None
+        dense = self.memory.factor(name)[0] == "dense"  # projected on the weight gradient, in one matmul
+        return self.cfg.input_projection and not dense and isinstance(mod, nn.Linear) and mod.bias is None
 
     def _set_projection(self, exclude: set[str] = frozenset()) -> None:
         self.fast = set()
@@ -210,8 +216,11 @@ class GPM(Strategy):
         out = torch.empty_like(x)
         for i in range(0, len(x), chunk):
             xb = x[i: i + chunk]
-            p = (xb @ B) @ B.T
-            out[i: i + chunk] = xb - p if mode == "sub" else p
+            if mode == "dense":
+                out[i: i + chunk] = xb @ B
+            else:
+                p = (xb @ B) @ B.T
+                out[i: i + chunk] = xb - p if mode == "sub" else p
         return out
 
     def feed_projected(self, xp: torch.Tensor) -> None:

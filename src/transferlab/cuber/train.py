@@ -42,8 +42,8 @@ class _CachedBatches:
 
     def __iter__(self):
         for b in batches(len(self.X), self.batch_size, seed=self.seed):
-            self.strategy.feed_projected(self.XP[b])
-            yield self.X[b], self.y[b]
+            self.strategy.feed_projected(self.XP.index_select(0, b))
+            yield self.X.index_select(0, b), self.y[b]
 
 
 @torch.no_grad()

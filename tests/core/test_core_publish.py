@@ -81,3 +81,27 @@ def test_the_repository_tables_match_their_results():
     dest = REPO / "docs" / "results"
     assert check_published(dest) == []
     assert check_bench(dest / "bench.json") == []
+
+
+def test_arms_of_another_profile_of_the_same_config_join_the_table(published, tmp_path):
+    import json
+    import shutil
+
+    from transferlab.core.report import write_experiment_report
+
+    src = published / "docs" / "results" / "fmnist-transfer"
+    out = tmp_path / "fmnist-transfer"
+    shutil.copytree(src, out)
+    latest = json.loads((out / "latest.json").read_text())
+    arms = latest["config"]["arms"]
+    latest["config"]["arms"] = arms[:-1]  # the last invocation ran all arms but one ...
+    (out / "latest.json").write_text(json.dumps(latest))
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    for r in rows:
+        if r["arm"] == arms[-1]:
+            r["profile"] = "long"  # ... which an earlier profile of the same config ran
+    rows.append({**rows[0], "config_hash": "other", "arm": arms[-1], "seed": 99})  # another config: left out
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    section, _ = write_experiment_report(out)
+    assert f"| {arms[-1]} | 2 |" in section
+    assert f"Profiles `{latest['profile']}` + `long`" in section

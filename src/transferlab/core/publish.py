@@ -27,7 +27,7 @@ from .errors import UserError
 from .io import atomic_write_json, atomic_write_text, read_jsonl
 from .registry import experiments
 from .report import headline, render_experiment, summary_markdown, write_experiment_report
-from .results import latest_rows
+from .results import latest_rows, result_arms
 
 BLOCK = re.compile(r"(<!-- table: ([a-z0-9-]+)(?: (full))? -->\n)(.*?)(<!-- /table -->)", re.S)
 
@@ -49,7 +49,8 @@ def publish(out: str | Path, dest: str | Path, names: list[str] | None = None,
         if not rows:
             raise UserError(f"{out / name} has no results to publish; run `transferlab run {name}` first")
         target = dest / name
-        rows = sorted(rows, key=lambda r: (latest["config"]["arms"].index(r["arm"]), r["seed"]))
+        arms = result_arms(rows, latest, known[name].known_arms)
+        rows = sorted(rows, key=lambda r: (arms.index(r["arm"]), r["seed"]))
         atomic_write_text(target / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         atomic_write_json(target / "latest.json", latest)
         write_experiment_report(target)

@@ -15,7 +15,7 @@ from pathlib import Path
 from .config import config_from_dict
 from .io import atomic_write_text
 from .registry import Figures, experiments, get_experiment
-from .results import latest_rows
+from .results import latest_rows, result_arms
 from .stats import fmt_ci, mean_ci, minimal_detectable_effect, paired_diff, paired_values, verdict
 
 
@@ -127,7 +127,7 @@ def render_experiment(out_dir: Path) -> dict | None:
     if not rows:
         return None
     exp = get_experiment(Path(out_dir).name)
-    arms = latest["config"]["arms"]
+    arms = result_arms(rows, latest, exp.known_arms)
     summary = summarize(rows, arms, exp.reference, exp.metrics)
     return {"exp": exp, "rows": rows, "latest": latest, "summary": summary,
             "table": table_markdown(summary, exp.headline_metrics, exp.reference),
@@ -182,7 +182,10 @@ def write_experiment_report(out_dir: Path) -> tuple[str, list[Path]] | None:
     figures = Figures()
     if exp.plot is not None:
         figures = _call_plot(exp, r["rows"], latest["config"], out_dir)
-    header = (f"## {exp.name}\n\n{exp.description}\n\nProfile `{latest['profile']}`, config `{latest['config_hash']}`, "
+    profiles = [latest["profile"]] + sorted({row.get("profile") for row in r["rows"]} - {latest["profile"], None})
+    header = (f"## {exp.name}\n\n{exp.description}\n\n"
+              f"{'Profile' if len(profiles) == 1 else 'Profiles'} {' + '.join(f'`{p}`' for p in profiles)}, "
+              f"config `{latest['config_hash']}`, "
               f"mean ± 95% CI over seeds; Δ = paired difference to `{exp.reference}`.\n\n")
     full = ("" if r["full_table"] == r["table"]
             else f"\n<details><summary>all metrics</summary>\n\n{r['full_table']}\n</details>\n")

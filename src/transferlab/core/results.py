@@ -67,7 +67,10 @@ def resolve_config(exp: Experiment, profile: str, overrides: list[str] | dict | 
 
 
 def latest_rows(out_dir: Path) -> tuple[list[dict], dict | None]:
-    """Rows of the last invocation's config hash, and its latest.json."""
+    """Rows of the last invocation's config hash (every arm run under it), and its latest.json.
+
+    Profiles that differ only in their arms or seeds share a hash, so the rows of, say, a `cpu`
+    profile and a `cpu-long` profile that runs other arms of the same config form one table."""
     out_dir = Path(out_dir)
     latest_file = out_dir / "latest.json"
     if not latest_file.exists():
@@ -75,7 +78,13 @@ def latest_rows(out_dir: Path) -> tuple[list[dict], dict | None]:
     import json
 
     latest = json.loads(latest_file.read_text())
-    arms = set(latest["config"].get("arms", ()))
-    rows = [r for r in read_jsonl(out_dir / "results.jsonl")
-            if r.get("config_hash") == latest["config_hash"] and (not arms or r["arm"] in arms)]
+    rows = [r for r in read_jsonl(out_dir / "results.jsonl") if r.get("config_hash") == latest["config_hash"]]
     return rows, latest
+
+
+def result_arms(rows: list[dict], latest: dict, known: tuple[str, ...] = ()) -> list[str]:
+    """The arms of a table: the last invocation's, then the others found in `rows` in `known` order."""
+    arms = [a for a in latest["config"].get("arms", ())]
+    present = {r["arm"] for r in rows}
+    order = list(known) + sorted(present - set(known))
+    return arms + [a for a in order if a in present and a not in arms]

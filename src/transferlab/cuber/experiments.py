@@ -226,7 +226,7 @@ def rule_label(arm: str, cfg: StreamConfig) -> str:
 
 def checks_markdown(rows: list[dict], cfg: StreamConfig) -> str:
     """Paired (per-seed) comparisons of every CUBER arm with GPM and TRGP, computed from the rows."""
-    arms = list(cfg.arms)
+    arms = list(cfg.arms) + sorted({r["arm"] for r in rows} - set(cfg.arms))  # + other profiles' arms
     lines = ["Paired differences over test seeds (mean ± 95% CI; heatmaps in accuracy_matrix.png):", ""]
     cubers = [a for a in arms if arm_rule(a) is not None]
     for a in cubers:

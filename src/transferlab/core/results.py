@@ -67,10 +67,11 @@ def resolve_config(exp: Experiment, profile: str, overrides: list[str] | dict | 
 
 
 def latest_rows(out_dir: Path) -> tuple[list[dict], dict | None]:
-    """Rows of the last invocation's config hash (every arm run under it), and its latest.json.
+    """Rows of the last invocation's config hash and arms, and its latest.json.
 
-    Profiles that differ only in their arms or seeds share a hash, so the rows of, say, a `cpu`
-    profile and a `cpu-long` profile that runs other arms of the same config form one table."""
+    Profiles that differ only in their arms or seeds share a hash: rows of the same config run under
+    another profile join too, so a `cpu` profile and a `cpu-long` profile that runs other arms of
+    the config form one table (while `--set arms=...` under the same profile narrows the table)."""
     out_dir = Path(out_dir)
     latest_file = out_dir / "latest.json"
     if not latest_file.exists():
@@ -78,7 +79,9 @@ def latest_rows(out_dir: Path) -> tuple[list[dict], dict | None]:
     import json
 
     latest = json.loads(latest_file.read_text())
-    rows = [r for r in read_jsonl(out_dir / "results.jsonl") if r.get("config_hash") == latest["config_hash"]]
+    arms = set(latest["config"].get("arms", ()))
+    rows = [r for r in read_jsonl(out_dir / "results.jsonl") if r.get("config_hash") == latest["config_hash"]
+            and (not arms or r["arm"] in arms or r.get("profile") != latest["profile"])]
     return rows, latest
 
 

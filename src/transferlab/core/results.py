@@ -87,7 +87,7 @@ def latest_rows(out_dir: Path) -> tuple[list[dict], dict | None]:
 
 def result_arms(rows: list[dict], latest: dict, known: tuple[str, ...] = ()) -> list[str]:
     """The arms of a table: the last invocation's, then the others found in `rows` in `known` order."""
-    arms = [a for a in latest["config"].get("arms", ())]
+    arms = list(latest["config"].get("arms", ()))
     present = {r["arm"] for r in rows}
     order = list(known) + sorted(present - set(known))
     return arms + [a for a in order if a in present and a not in arms]

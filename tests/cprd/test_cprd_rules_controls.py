@@ -205,3 +205,23 @@ def test_random_control_resumes_to_the_same_draws():
     for x in xs:
         other.update(x, x + 0.1)
     assert not all(torch.equal(a, b) for a, b in zip(full.model.parameters(), other.model.parameters()))
+
+
+def test_notes_report_the_teachers_paired_validation_advantage(tmp_path):
+    from transferlab.cprd.plots import plot_score_distributions
+
+    rows = [{"arm": "infonce", "seed": s, "metrics": {"teacher_val_family_acc": 86.0 + s, "val_family_acc": 56.0}}
+            for s in range(3)]
+    notes = plot_score_distributions(rows, None, tmp_path).notes
+    assert "advantage over the InfoNCE student" in notes and "31.00 ±" in notes and "over 3 seeds" in notes
+
+
+def test_notes_pair_cprd_with_each_control_by_seed(tmp_path):
+    from transferlab.cprd.plots import plot_score_distributions
+
+    rows = [{"arm": arm, "seed": s, "metrics": {"RSUM": base + s + (10.0 if arm == "cprd" else 0.0)}}
+            for arm, base in (("cprd", 0.0), ("cprd_self", 0.0), ("infonce", 50.0)) for s in range(4)]
+    notes = plot_score_distributions(rows, None, tmp_path).notes
+    assert "RSUM cprd − cprd_self: 10.00 ± 0.00 over 4 paired seeds: better" in notes
+    assert "RSUM cprd − infonce: -40.00 ± 0.00 over 4 paired seeds: worse" in notes
+    assert "cprd_random" not in notes  # no rows, no contrast

@@ -100,20 +100,20 @@ def bar_plot(summary: list[dict], metric: str, path: Path, title: str) -> Path:
 def choices_markdown(rows: list[dict], arms) -> str:
     """What `choose_on_validation` picked, per arm: each choice's chosen values and how many seeds chose them."""
     picks: dict[tuple[str, str], dict[str, int]] = {}
-    candidates: dict[str, list] = {}
+    candidates: dict[tuple[str, str], list] = {}  # per arm: arms of one experiment may search other grids
     for r in rows:
         for name, c in (r.get("choices") or {}).items():
             counts = picks.setdefault((r["arm"], name), {})
             counts[str(c["chosen"])] = counts.get(str(c["chosen"]), 0) + 1
-            candidates.setdefault(name, c["candidates"])
+            candidates.setdefault((r["arm"], name), c["candidates"])
     if not picks:
         return ""
     lines = ["Chosen on validation (value: seeds):", ""]
     for arm in arms:
-        for name in candidates:
-            if (arm, name) in picks:
+        for a, name in candidates:
+            if a == arm:
                 counts = ", ".join(f"{v}: {n}" for v, n in sorted(picks[(arm, name)].items()))
-                lines.append(f"- `{arm}` {name} from {candidates[name]}: {counts}")
+                lines.append(f"- `{arm}` {name} from {candidates[(arm, name)]}: {counts}")
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.registry import Figures
+from ..core.stats import fmt_ci, mean_ci, minimal_detectable_effect, paired_values, verdict
 
 if TYPE_CHECKING:  # the experiment modules import this one
     from .experiments import ScenesConfig
@@ -53,6 +54,17 @@ def plot_score_distributions(rows: list[dict], cfg: ScenesConfig | WordnetConfig
     if m and "teacher_family_acc" in m[0]:
         lines.append(f"- Teacher (cross-encoder) picks the right scene among its family for "
                      f"{_mean([x.get('teacher_family_acc') for x in m]):.1f}% of test captions (mean over runs).")
+    ref_rows = [r["metrics"] for r in rows if r["arm"] == "infonce"]
+    if ref_rows and "teacher_val_family_acc" in ref_rows[0] and "val_family_acc" in ref_rows[0]:
+        # the teacher's advantage on the validation scenes, against the InfoNCE student of the same seed
+        adv = mean_ci([x["teacher_val_family_acc"] - x["val_family_acc"] for x in ref_rows])
+        lines.append(f"- Teacher's validation advantage over the InfoNCE student (within-family accuracy, "
+                     f"paired over {adv[2]} seeds): {fmt_ci(*adv[:2])} points; teacher "
+                     f"{_mean([x['teacher_val_family_acc'] for x in ref_rows]):.1f}%.")
+    if ref_rows and "teacher_adv" in ref_rows[0]:
+        adv = mean_ci([x["teacher_adv"] for x in ref_rows])
+        lines.append(f"- Teacher's validation advantage over zero-shot MiniLM (`teacher_adv`, re-rank R@1, "
+                     f"{adv[2]} seeds): {fmt_ci(*adv[:2])} points.")
     if m and "teacher_rerank_R@1" in m[0]:
         lines.append(f"- Teacher re-ranking the student's top-10 glosses gives example->gloss R@1 "
                      f"{_mean([x.get('teacher_rerank_R@1') for x in m]):.1f}% (mean over runs); MiniLM zero-shot "
@@ -68,4 +80,27 @@ def plot_score_distributions(rows: list[dict], cfg: ScenesConfig | WordnetConfig
                 f"{_mean([x.get('teacher_prob_iqr') for x in mm]):.3f} vs student-cosine IQR "
                 f"{_mean([x.get('student_cos_iqr') for x in mm]):.3f}, "
                 f"chosen λ {sorted({x.get('weight') for x in mm})}")
+    lines += _cprd_contrasts(rows)
     return Figures(paths, "\n".join(lines) + "\n")
+
+
+# CPRD against each baseline and control (does the gain come from the teacher's ranking?), and the
+# hard/all/easy ablations of finding 2
+CONTRASTS = [("cprd", b) for b in ("infonce", "kl", "listnet", "margin_mse", "cprd_self", "cprd_random")] + [
+    ("cprd", "cprd_all"), ("cprd_easy", "infonce"), ("cprd", "cprd_easy")]
+
+
+def _cprd_contrasts(rows: list[dict], metric: str = "RSUM") -> list[str]:
+    by = {}
+    for r in rows:
+        v = r["metrics"].get(metric)
+        if isinstance(v, (int, float)):
+            by.setdefault(r["arm"], {})[r["seed"]] = float(v)
+    out = []
+    for a, b in CONTRASTS:
+        if a in by and b in by:
+            d = paired_values(by[a], by[b])
+            mean, half, n = mean_ci(d)
+            out.append(f"- {metric} {a} − {b}: {fmt_ci(mean, half)} over {n} paired seeds: "
+                       f"{verdict(mean, half, minimal_detectable_effect(d))}")
+    return ["", f"Paired {metric} contrasts (mean ± 95% CI; MDE at 80% power):", "", *out] if out else []

@@ -279,12 +279,12 @@ class PermutedConfig(StreamConfig):
               # tiny: seconds, for the tests (every arm, two short tasks)
               "tiny": {"seeds": 1, "val_seeds": 1, "n_tasks": 2, "n_train": 200, "n_test": 100, "epochs": 1,
                        "lr": 0.05, "ewc_grid": (10.0, 1000.0)},
-              # cpu: the quick data and budget over all 10 tasks, 5 seeds (measured 1 CPU-thread seconds per
-              # run: gpm 36, cuber 136)
+              # cpu: the quick data and budget over all 10 tasks, 5 seeds (≈ 33 CPU-thread seconds per run on
+              # average: 30 runs in 8 minutes with --jobs 2)
               "cpu": {"seeds": 5, "val_seeds": 1, "n_tasks": 10, "n_train": 4000, "n_test": 2000, "epochs": 3,
                       "lr": 0.05, "ewc_grid": (10.0, 1000.0)},
               "full": {"seeds": 5}},
-    cpu_minutes={"cpu": 35},
+    cpu_minutes={"cpu": 17},
     plot=plot_matrices,
 )
 def cuber_pfmnist(cfg: PermutedConfig, arm: str, seed: int, ctx) -> dict:
@@ -321,12 +321,12 @@ class SplitConfig(StreamConfig):
     profiles={"quick": {"seeds": 2, "n_train": 300, "n_test": 300, "epochs": 2, "arms": ("gpm", "trgp", "cuber")},
               "tiny": {"seeds": 1, "val_seeds": 1, "n_train": 20, "n_test": 20, "epochs": 1, "n_samples": (4, 4, 8),
                        "arms": ("gpm", "trgp", "cuber", "multitask")},
-              # cpu: 1000 images per class, 3 epochs, 5 seeds (measured 1 CPU-thread seconds per run: gpm 55,
-              # cuber 67)
+              # cpu: 1000 images per class, 3 epochs, 5 seeds (≈ 32 CPU-thread seconds per run on average:
+              # 30 runs in 8 minutes with --jobs 2)
               "cpu": {"seeds": 5, "val_seeds": 1, "n_train": 1000, "n_test": 1000, "epochs": 3,
                       "ewc_grid": (10.0, 1000.0), "arms": ("finetune", "ewc", "gpm", "trgp", "cuber", "multitask")},
               "full": {"seeds": 5}},
-    cpu_minutes={"cpu": 35},
+    cpu_minutes={"cpu": 16},
     plot=plot_matrices,
 )
 def cuber_split_fmnist(cfg: SplitConfig, arm: str, seed: int, ctx) -> dict:

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="also copy each experiment's latest results into DIR/<experiment>/ (e.g. docs/results), "
                           "generate its tables there and refresh the generated blocks of README.md and docs/*.md")
     rep.add_argument("--only", action="append", default=[], help="publish only these experiments")
+    rep.add_argument("--as", dest="alias", default=None, metavar="NAME",
+                     help="publish the one --only experiment as DIR/NAME (e.g. a learning-curve run beside the "
+                          "confirmatory one)")
 
     b = sub.add_parser("bench", help="time candidates against baselines measured in the same process")
     b.add_argument("name", nargs="?", default=None)
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.publish:
                 from .core.publish import publish
 
-                done = publish(args.out, args.publish, names=args.only or None)
+                done = publish(args.out, args.publish, names=args.only or None, alias=args.alias)
                 print(f"published {', '.join(done) or 'nothing'} under {args.publish}")
             md, html = write_report(args.out)
             print(f"report: {md}\n        {html}")

@@ -105,3 +105,32 @@ def test_arms_of_another_profile_of_the_same_config_join_the_table(published, tm
     section, _ = write_experiment_report(out)
     assert f"| {arms[-1]} | 2 |" in section
     assert f"Profiles `{latest['profile']}` + `long`" in section
+
+
+def test_a_second_run_is_published_under_its_own_name_with_its_details(published, tmp_path):
+    import json
+    import shutil
+
+    from transferlab.core.errors import UserError
+
+    out = tmp_path / "results"
+    shutil.copytree(published / "results", out)
+    exp = out / "fmnist-transfer"
+    h = json.loads((exp / "latest.json").read_text())["config_hash"]
+    (exp / "details" / h).mkdir(parents=True)
+    (exp / "details" / h / "arm-seed0.json").write_text("{}")
+    (exp / "details" / "oldconfig").mkdir()  # a config that is not published: not copied
+    dest = published / "docs" / "results"
+    alias = tmp_path / "docs-results"
+    shutil.copytree(dest, alias)
+    assert publish(out, alias, names=["fmnist-transfer"], alias="fmnist-transfer-curves", docs=[]) == [
+        "fmnist-transfer-curves"]
+    d = alias / "fmnist-transfer-curves"
+    assert json.loads((d / "latest.json").read_text())["experiment"] == "fmnist-transfer"
+    assert (d / "details" / h / "arm-seed0.json").exists() and not (d / "details" / "oldconfig").exists()
+    assert (d / "section.md").read_text().startswith("## fmnist-transfer-curves\n")
+    assert check_published(alias, []) == []
+    for bad in ({"names": None, "alias": "x"}, {"names": ["fmnist-transfer"], "alias": "cuber-pfmnist"},
+                {"names": ["fmnist-transfer"], "alias": "Bad Name"}):
+        with pytest.raises(UserError, match="--as"):
+            publish(out, alias, docs=[], **bad)

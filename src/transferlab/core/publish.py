@@ -13,6 +13,12 @@ docs/*.md. A block is written as
 and `<!-- summary -->...<!-- /summary -->` holds one line per published experiment (method minus
 reference on its primary metric, 95% CI, minimal detectable effect and verdict).
 
+Per-example files that a plot hook reads (`<experiment>/details/<config hash>/`) are copied with the
+rows, so the published plots are drawn from committed files too. A second run of the same experiment
+under another profile (learning curves beside a confirmatory run) is published under its own name:
+`--only emoe-wordnet --as emoe-wordnet-curves` writes `docs/results/emoe-wordnet-curves/`, whose
+latest.json names the experiment it belongs to.
+
 `check_published` regenerates every table from its committed results.jsonl and reports any
 difference, so a number typed by hand into a published table or block fails the test suite.
 """
@@ -33,13 +39,20 @@ BLOCK = re.compile(r"(<!-- table: ([a-z0-9-]+)(?: (full))? -->\n)(.*?)(<!-- /tab
 
 
 def publish(out: str | Path, dest: str | Path, names: list[str] | None = None,
-            docs: list[Path] | None = None) -> list[str]:
+            docs: list[Path] | None = None, alias: str | None = None) -> list[str]:
     """Copy the latest results of each experiment under `out` (or just `names`) into `dest`.
 
+    `alias` publishes the one experiment in `names` as `dest/<alias>` instead of `dest/<experiment>`.
     Returns the names published. Docs with generated blocks are refreshed from `dest`.
     """
     out, dest = Path(out), Path(dest)
     known = experiments()
+    if alias is not None:
+        if not names or len(names) != 1:
+            raise UserError("--as publishes one experiment under another name; name it with one --only")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", alias) or alias in known:
+            raise UserError(f"--as {alias!r}: use lower-case letters, digits and dashes, and not the name of "
+                            "another experiment (e.g. emoe-wordnet-curves)")
     chosen = names or [n for n in known if (out / n / "latest.json").exists()]
     published = []
     for name in chosen:
@@ -48,15 +61,32 @@ def publish(out: str | Path, dest: str | Path, names: list[str] | None = None,
         rows, latest = latest_rows(out / name)
         if not rows:
             raise UserError(f"{out / name} has no results to publish; run `transferlab run {name}` first")
-        target = dest / name
+        target = dest / (alias or name)
         arms = result_arms(rows, latest, known[name].known_arms)
         rows = sorted(rows, key=lambda r: (arms.index(r["arm"]), r["seed"]))
         atomic_write_text(target / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        atomic_write_json(target / "latest.json", latest)
+        _copy_details(out / name, target, {r["config_hash"] for r in rows})
+        atomic_write_json(target / "latest.json", {**latest, "experiment": name} if alias else latest)
         write_experiment_report(target)
-        published.append(name)
+        published.append(alias or name)
     refresh_docs(dest, docs if docs is not None else default_docs(dest))
     return published
+
+
+def _copy_details(src: Path, target: Path, hashes: set[str]) -> None:
+    """The per-example files of the published configs (a plot hook's inputs), replacing older copies."""
+    import shutil
+
+    for h in sorted(hashes):
+        d = src / "details" / h
+        if d.is_dir():
+            shutil.rmtree(target / "details" / h, ignore_errors=True)
+            shutil.copytree(d, target / "details" / h)
+    stale = target / "details"
+    if stale.is_dir():  # details of configs no longer published
+        for d in stale.iterdir():
+            if d.name not in hashes:
+                shutil.rmtree(d)
 
 
 def default_docs(dest: Path) -> list[Path]:

@@ -126,10 +126,11 @@ def render_experiment(out_dir: Path) -> dict | None:
     rows, latest = latest_rows(Path(out_dir))
     if not rows:
         return None
-    exp = get_experiment(Path(out_dir).name)
+    # a folder published under another name (`--as`) says which experiment its rows belong to
+    exp = get_experiment(latest.get("experiment") or Path(out_dir).name)
     arms = result_arms(rows, latest, exp.known_arms)
     summary = summarize(rows, arms, exp.reference, exp.metrics)
-    return {"exp": exp, "rows": rows, "latest": latest, "summary": summary,
+    return {"exp": exp, "name": Path(out_dir).name, "rows": rows, "latest": latest, "summary": summary,
             "table": table_markdown(summary, exp.headline_metrics, exp.reference),
             "full_table": table_markdown(summary, exp.metrics, exp.reference),
             "csv": table_csv(summary, exp.metrics), "choices": choices_markdown(rows, arms)}
@@ -147,8 +148,8 @@ def headline(r: dict) -> dict:
     diff = mean_ci(diffs) if diffs else None
     mde = minimal_detectable_effect(diffs)
     words = "–" if diff is None else verdict(diff[0], diff[1], mde, exp.higher_is_better(metric))
-    return {"experiment": exp.name, "profile": r["latest"]["profile"], "reference": base, "method": method,
-            "metric": metric, "diff": diff, "n": 0 if diff is None else diff[2], "mde": mde, "verdict": words}
+    return {"experiment": r.get("name", exp.name), "profile": r["latest"]["profile"], "reference": base,
+            "method": method, "metric": metric, "diff": diff, "n": 0 if diff is None else diff[2], "mde": mde, "verdict": words}
 
 
 def summary_markdown(heads: list[dict], link: str = "#{}") -> str:
@@ -183,7 +184,7 @@ def write_experiment_report(out_dir: Path) -> tuple[str, list[Path]] | None:
     if exp.plot is not None:
         figures = _call_plot(exp, r["rows"], latest["config"], out_dir)
     profiles = [latest["profile"]] + sorted({row.get("profile") for row in r["rows"]} - {latest["profile"], None})
-    header = (f"## {exp.name}\n\n{exp.description}\n\n"
+    header = (f"## {r['name']}\n\n{exp.description}\n\n"
               f"{'Profile' if len(profiles) == 1 else 'Profiles'} {' + '.join(f'`{p}`' for p in profiles)}, "
               f"config `{latest['config_hash']}`, "
               f"mean ± 95% CI over seeds; Δ = paired difference to `{exp.reference}`.\n\n")

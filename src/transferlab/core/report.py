@@ -149,7 +149,8 @@ def headline(r: dict) -> dict:
     mde = minimal_detectable_effect(diffs)
     words = "–" if diff is None else verdict(diff[0], diff[1], mde, exp.higher_is_better(metric))
     return {"experiment": r.get("name", exp.name), "profile": r["latest"]["profile"], "reference": base,
-            "method": method, "metric": metric, "diff": diff, "n": 0 if diff is None else diff[2], "mde": mde, "verdict": words}
+            "method": method, "metric": metric, "diff": diff,
+            "n": 0 if diff is None else diff[2], "mde": mde, "verdict": words}
 
 
 def summary_markdown(heads: list[dict], link: str = "#{}") -> str:

@@ -49,6 +49,22 @@ def test_emoe_wordnet_lr_is_chosen_by_the_seed_mean_and_bootstrap_pairs_items():
     assert mean == pytest.approx(25.0) and lo <= mean <= hi and lo >= 0
 
 
+def test_emoe_curves_table_marks_the_epoch_validation_picks(tmp_path):
+    from transferlab.emoe.analysis import curves_markdown, write_details
+
+    def h(v, i, o):
+        return {"val_acc": v, "id_acc": i, "ood_acc": o}
+
+    runs = {1e-4: {"best_epoch": 2, "best": {}, "history": [h(10, 11, 12), h(30, 31, 32), h(20, 21, 22)]}}
+    write_details(tmp_path, "cfg", "dense", 0, runs)
+    # a seed that evaluated validation only has no test curve: it is left out
+    write_details(tmp_path, "cfg", "emoe", 0, {1e-4: {"best_epoch": 1, "best": {}, "history": [{"val_acc": 5.0}] * 3}})
+    md = curves_markdown(tmp_path, "cfg", ("dense", "emoe"))
+    assert "| `dense` | 0.0001 | 10.0 / 11.0 / 12.0 | **30.0 / 31.0 / 32.0** | 20.0 / 21.0 / 22.0 |" in md
+    assert "`emoe`" not in md and "epoch 3" in md
+    assert curves_markdown(tmp_path, "other", ("dense",)) == ""
+
+
 def test_emoe_length_buckets_keep_every_example_once_and_cut_padding():
     from transferlab.emoe.experiments import epoch_batches
 

@@ -172,6 +172,30 @@ def _plot_curves(out_dir: Path, config_hash: str, arms, lrs: dict, seed: int = 0
     return path
 
 
+def curves_markdown(out_dir: Path, config_hash: str, arms, seed: int = 0) -> str:
+    """Per-epoch validation / ID / OOD accuracy of every arm and lr of a curve seed (its details file)."""
+    rows = []
+    for arm in arms:
+        for lr, r in sorted(((_details(out_dir, config_hash, arm, seed) or {}).items()), key=lambda kv: float(kv[0])):
+            hist = r["history"]
+            if hist and all("ood_acc" in h for h in hist):  # test after every epoch: curve seeds only
+                rows.append((arm, lr, r["best_epoch"], hist))
+    if not rows or max(len(h) for *_, h in rows) < 2:
+        return ""
+    epochs = max(len(h) for *_, h in rows)
+    lines = [f"Learning curves, seed {seed}: validation / ID test / OOD test accuracy after each epoch (the test "
+             "splits are recorded, never used to choose); **bold** = the epoch validation picks.", "",
+             "| arm | lr | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " |",
+             "|---|---|" + "---|" * epochs]
+    for arm, lr, best, hist in rows:
+        cells = []
+        for e, h in enumerate(hist):
+            c = f"{h['val_acc']:.1f} / {h['id_acc']:.1f} / {h['ood_acc']:.1f}"
+            cells.append(f"**{c}**" if e + 1 == best else c)
+        lines.append(f"| `{arm}` | {lr} | " + " | ".join(cells + [""] * (epochs - len(cells))) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def class_usage(usage: list[list[int]]) -> torch.Tensor:
     """(classes, N) share of each class's token routings that went to each expert (rows sum to 1)."""
     u = torch.tensor(usage, dtype=torch.float64)
@@ -218,6 +242,9 @@ def report(rows: list[dict], cfg: EMoEWordnetConfig, out_dir) -> Figures:
     seeds = len({r["seed"] for r in rows})
     notes = ["The table above gives each seed its own best lr and epoch on validation. The confirmatory "
              "numbers follow the official protocol instead:", "", table or "(needs a dense arm)", ""]
+    curves = curves_markdown(out_dir, h, cfg.arms)
+    if curves:
+        notes += [curves, ""]
     if seeds < 5:
         notes.append(f"{seeds} seed(s): too few to resolve effects of the size the paper reports (+0.6 to +0.9); "
                      "see docs/emoe.md for the multi-seed run.")

@@ -216,3 +216,16 @@ def test_a_state_dict_without_the_trained_flag_still_loads():
     assert not bool(fresh.student_ready)
     with pytest.raises(UserError, match="student_pretrained=True"):
         fresh.train_experts(_domains())
+
+
+def test_specialisation_gap_compares_each_expert_with_the_others_on_its_own_domain():
+    from transferlab.metadmoe.plots import _specialisation
+
+    # fold 0 held out; experts of domains 1 and 2; columns are the six domains
+    mat = [[0, 90, 60, 0, 0, 0], [0, 70, 80, 0, 0, 0]]
+    rows = [{"arm": "erm", "seed": 0, "metrics": {"expert_matrix_d0": mat, "expert_domains_d0": [1, 2]}},
+            {"arm": "tent", "seed": 0, "metrics": {"expert_matrix_d0": mat, "expert_domains_d0": [2, 1]}}]
+    assert _specialisation(rows, [0]) == [(90 - 70 + 80 - 60) / 2]  # erm rows only
+    same = [[0, 80, 80, 0, 0, 0], [0, 80, 80, 0, 0, 0]]  # experts that equal each other do not specialise
+    assert _specialisation([{"arm": "erm", "seed": 1, "metrics": {"expert_matrix_d0": same,
+                                                                  "expert_domains_d0": [1, 2]}}], [0]) == [0.0]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.registry import Figures
-from ..core.stats import fmt_ci, mean_ci
+from ..core.stats import fmt_ci, mean_ci, minimal_detectable_effect
 from .domains import FAMILIES, VAL_DOMAINS
 
 if TYPE_CHECKING:
@@ -55,13 +55,39 @@ def _controls(rows: list[dict], folds) -> str:
                               if all(k in m for m in erm))
                   + "; ERM-student feature MSE to the teacher "
                   + f"{sum(m['mse_teacher_avg'] for m in erm) / len(erm):.4g}."]
-    for a, b in (("metadmoe", "erm"), ("metadmoe", "erm_extra"), ("metadmoe", "tent"), ("ensemble", "erm")):
-        key = "acc_avg"
-        d = ([by[("erm", s)]["ensemble_acc_avg"] - by[("erm", s)]["acc_avg"] for s in seeds
-              if "ensemble_acc_avg" in by.get(("erm", s), {})] if a == "ensemble" else _paired(by, a, b, key, seeds))
+    # the teacher's diagnostics are recorded on the erm rows (the ERM student's held-out domain)
+    diag = {"ensemble": "ensemble_acc_avg", "teacher (student's head)": "teacher_shead_acc_avg"}
+    for a, b in (("ensemble", "erm"), ("teacher (student's head)", "erm"), ("metadmoe", "erm"),
+                 ("metadmoe", "erm_extra"), ("metadmoe", "tent"), ("metadmoe", "adapt_no_meta"),
+                 ("metadmoe", "avg_experts")):
+        d = ([by[("erm", s)][diag[a]] - by[("erm", s)]["acc_avg"] for s in seeds
+              if diag[a] in by.get(("erm", s), {})] if a in diag else _paired(by, a, b, "acc_avg", seeds))
         if d:
-            lines.append(f"- {a} − {b}: {_ci(d)}")
+            lines.append(f"- {a} − {b}: {_ci(d)}" + (f", MDE {minimal_detectable_effect(d):.2f}" if len(d) > 1 else ""))
+    gap = _specialisation(rows, folds)
+    if gap:
+        lines.append(f"- experts' specialisation (an expert on its own domain minus the other experts there, "
+                     f"source validation shards): {_ci(gap)}")
     return "\n".join(lines) + "\n"
+
+
+def _specialisation(rows: list[dict], folds) -> list[float]:
+    """Per seed: how much better each expert is on its own domain than the other experts are there."""
+    out = []
+    for r in rows:
+        if r["arm"] != "erm":
+            continue
+        gaps = []
+        for f in folds:
+            mat, doms = r["metrics"].get(f"expert_matrix_d{f}"), r["metrics"].get(f"expert_domains_d{f}")
+            if not mat or len(mat) < 2:
+                continue
+            for k, d in enumerate(doms):
+                others = [mat[j][d] for j in range(len(doms)) if j != k]
+                gaps.append(mat[k][d] - sum(others) / len(others))
+        if gaps:
+            out.append(sum(gaps) / len(gaps))
+    return out
 
 
 def _notes(cfg: MetaDMoEExperimentConfig, seeds_done: int) -> str:

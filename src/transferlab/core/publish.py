@@ -81,7 +81,13 @@ def _copy_details(src: Path, target: Path, hashes: set[str]) -> None:
         d = src / "details" / h
         if d.is_dir():
             shutil.rmtree(target / "details" / h, ignore_errors=True)
-            shutil.copytree(d, target / "details" / h)
+            for f in sorted(p for p in d.rglob("*") if p.is_file()):
+                dst = target / "details" / h / f.relative_to(d)
+                if f.suffix == ".json":  # one line per file: per-example lists, not one number per line
+                    atomic_write_text(dst, json.dumps(json.loads(f.read_text()), separators=(",", ":")) + "\n")
+                else:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, dst)
     stale = target / "details"
     if stale.is_dir():  # details of configs no longer published
         for d in stale.iterdir():

@@ -22,7 +22,7 @@ def test_accelerate_two_processes_matches_single(tmp_path):
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
         pytest.skip("needs the full Fashion-MNIST (apt-get install dataset-fashion-mnist)")
-    # the command on the real data, not the vendored subset the other tests use
+    # the documented command on the real data, not the vendored subset the other tests use
     env = {k: v for k, v in os.environ.items() if k != "TRANSFERLAB_DATA"} | {"TRANSFERLAB_THREADS": "1"}
     common = ["run", "fmnist-transfer", "--profile", "quick", "--seeds", "1", "--set", "arms=finetune,linear_probe"]
     single = subprocess.run([sys.executable, "-m", "transferlab", *common, "--out", str(tmp_path / "one")],

@@ -148,7 +148,7 @@ def headline(r: dict) -> dict:
     diff = mean_ci(diffs) if diffs else None
     mde = minimal_detectable_effect(diffs)
     words = "–" if diff is None else verdict(diff[0], diff[1], mde, exp.higher_is_better(metric))
-    return {"experiment": r.get("name", exp.name), "profile": r["latest"]["profile"], "reference": base,
+    return {"experiment": r["name"], "profile": r["latest"]["profile"], "reference": base,
             "method": method, "metric": metric, "diff": diff,
             "n": 0 if diff is None else diff[2], "mde": mde, "verdict": words}
 
@@ -180,7 +180,7 @@ def write_experiment_report(out_dir: Path) -> tuple[str, list[Path]] | None:
     atomic_write_text(out_dir / "table.csv", r["csv"])
     seeds = max(e["n"] for e in summary)
     bar_plot(summary, exp.primary_metric, out_dir / "metric.png",
-             f"{exp.name} ({latest['profile']}, {seeds} seed(s)): {exp.primary_metric}, 95% CI")
+             f"{r['name']} ({latest['profile']}, {seeds} seed(s)): {exp.primary_metric}, 95% CI")
     figures = Figures()
     if exp.plot is not None:
         figures = _call_plot(exp, r["rows"], latest["config"], out_dir)

@@ -180,9 +180,9 @@ def curves_markdown(out_dir: Path, config_hash: str, arms, seed: int = 0) -> str
             hist = r["history"]
             if hist and all("ood_acc" in h for h in hist):  # test after every epoch: curve seeds only
                 rows.append((arm, lr, r["best_epoch"], hist))
-    if not rows or max(len(h) for *_, h in rows) < 2:
+    epochs = max((len(h) for *_, h in rows), default=0)
+    if epochs < 2:
         return ""
-    epochs = max(len(h) for *_, h in rows)
     lines = [f"Learning curves, seed {seed}: validation / ID test / OOD test accuracy after each epoch (the test "
              "splits are recorded, never used to choose); **bold** = the epoch validation picks.", "",
              "| arm | lr | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " |",

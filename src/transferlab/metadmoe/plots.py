@@ -71,6 +71,14 @@ def _controls(rows: list[dict], folds) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _expert_matrices(row: dict, folds):
+    """(expert x domain accuracy, each expert's own domain) of every fold the row recorded."""
+    for f in folds:
+        mat, doms = row["metrics"].get(f"expert_matrix_d{f}"), row["metrics"].get(f"expert_domains_d{f}")
+        if mat:
+            yield mat, doms
+
+
 def _specialisation(rows: list[dict], folds) -> list[float]:
     """Per seed: how much better each expert is on its own domain than the other experts are there."""
     out = []
@@ -78,9 +86,8 @@ def _specialisation(rows: list[dict], folds) -> list[float]:
         if r["arm"] != "erm":
             continue
         gaps = []
-        for f in folds:
-            mat, doms = r["metrics"].get(f"expert_matrix_d{f}"), r["metrics"].get(f"expert_domains_d{f}")
-            if not mat or len(mat) < 2:
+        for mat, doms in _expert_matrices(r, folds):
+            if len(mat) < 2:
                 continue
             for k, d in enumerate(doms):
                 others = [mat[j][d] for j in range(len(doms)) if j != k]
@@ -129,10 +136,7 @@ def _heatmap(rows, cfg, plt, path):
 
     tot, cnt = np.zeros((6, 6)), np.zeros((6, 6))
     for r in rows:
-        for f in cfg.held_out:
-            mat, doms = r["metrics"].get(f"expert_matrix_d{f}"), r["metrics"].get(f"expert_domains_d{f}")
-            if mat is None:
-                continue
+        for mat, doms in _expert_matrices(r, cfg.held_out):
             for k, d in enumerate(doms):
                 tot[d] += mat[k]
                 cnt[d] += 1

@@ -84,8 +84,10 @@ def test_emoe_official_arm_carries_the_published_recipe():
         1.0, 1.5, 0.01, 0.1, "pre")
     cpu = get_experiment("emoe-wordnet").make_config("cpu")
     assert set(cpu.arms) == {"dense", "emoe", "emoe-official"} and cpu.seeds >= 8
-    assert get_experiment("emoe-wordnet").make_config("cpu-curves").epochs == 5
-    assert cpu.n_test >= 3000 and cpu.weight_decay == 0.0 and cpu.warmup == 0.0 and len(cpu.lrs) >= 2
+    curves = get_experiment("emoe-wordnet").make_config("cpu-curves")
+    assert curves.epochs == 5 and curves.curve_seeds == 1 and len(curves.lrs) >= 2
+    # stage 2's lr is one that stage 1's grid tried (chosen there on validation)
+    assert cpu.n_test >= 3000 and cpu.weight_decay == 0.0 and cpu.warmup == 0.0 and set(cpu.lrs) <= set(curves.lrs)
 
 
 @pytest.mark.slow

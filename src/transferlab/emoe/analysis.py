@@ -140,31 +140,39 @@ def _bootstrap_cell(out_dir, config_hash, arm, reference, lrs, seeds, split: str
     return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
-def _plot_curves(out_dir: Path, config_hash: str, arms, lrs: dict, seed: int = 0) -> Path | None:
+def _plot_curves(out_dir: Path, config_hash: str, arms, lrs: dict, seeds) -> Path | None:
+    """Per-epoch accuracy at each arm's chosen lr, averaged over the seeds; a test split gets a panel only
+    where it was evaluated after every epoch (the curve seeds), not just at the chosen epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {}
+    curves, n_seeds = {}, 0
     for arm in arms:
-        d = _details(out_dir, config_hash, arm, seed)
-        if d is not None and arm in lrs and format(lrs[arm], "g") in d:
-            curves[arm] = d[format(lrs[arm], "g")]["history"]
-    if not curves or max(len(h) for h in curves.values()) < 2:
+        hists = [d[format(lrs[arm], "g")]["history"] for s in seeds
+                 if arm in lrs and (d := _details(out_dir, config_hash, arm, s)) and format(lrs[arm], "g") in d]
+        if hists:
+            n_seeds = max(n_seeds, len(hists))
+            curves[arm] = {m: [sum(h[e][m] for h in hists) / len(hists) if all(m in h[e] for h in hists) else None
+                               for e in range(min(map(len, hists)))] for m in ("val_acc", "id_acc", "ood_acc")}
+    panels = [(m, t) for m, t in (("val_acc", "validation (selects the epoch)"), ("id_acc", "ID test (recorded, not used)"),
+                                  ("ood_acc", "OOD test (recorded, not used)"))
+              if any(sum(v is not None for v in c[m]) >= 2 for c in curves.values())]
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (metric, title) in zip(axes, (("val_acc", "validation (selects the epoch)"),
-                                           ("id_acc", "ID test (recorded, not used)"),
-                                           ("ood_acc", "OOD test (recorded, not used)"))):
-        for arm, hist in curves.items():
-            pts = [(e + 1, h[metric]) for e, h in enumerate(hist) if metric in h]  # test: curve seeds only
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 0.2, 3.6), squeeze=False)
+    axes = axes[0]
+    for ax, (metric, title) in zip(axes, panels):
+        for arm, c in curves.items():
+            pts = [(e + 1, v) for e, v in enumerate(c[metric]) if v is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{arm} (lr {format(lrs[arm], 'g')})")
+        ax.set_xticks(range(1, max(len(c["val_acc"]) for c in curves.values()) + 1))
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy %")
         ax.set_title(title)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"emoe-wordnet learning curves, seed {seed}")
+    fig.suptitle(f"emoe-wordnet learning curves, mean over {n_seeds} seed(s)")
     fig.tight_layout()
     path = Path(out_dir) / "emoe_wordnet_curves.png"
     fig.savefig(path, dpi=110)
@@ -248,6 +256,6 @@ def report(rows: list[dict], cfg: EMoEWordnetConfig, out_dir) -> Figures:
     if seeds < 5:
         notes.append(f"{seeds} seed(s): too few to resolve effects of the size the paper reports (+0.6 to +0.9); "
                      "see docs/emoe.md for the multi-seed run.")
-    paths = [p for p in (_plot_curves(out_dir, h, cfg.arms, lrs), _plot_usage(out_dir, h, cfg.arms, lrs))
+    paths = [p for p in (_plot_curves(out_dir, h, cfg.arms, lrs, sorted({r["seed"] for r in rows})), _plot_usage(out_dir, h, cfg.arms, lrs))
              if p is not None]
     return Figures(paths, "\n".join(notes) + "\n")

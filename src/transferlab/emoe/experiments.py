@@ -404,10 +404,10 @@ _CPU = {"arms": ("dense", "emoe", "emoe-official"), "seeds": 8, "n_train": 3000,
         "quick": {"arms": ("dense", "emoe"), "seeds": 1, "n_train": 3000, "n_val": 500, "n_test": 1000,
                   "epochs": 1, "lrs": (1e-4,), "max_len": 32},
         # stage 1, learning curves: one seed, 5 epochs, validation + ID/OOD test after every epoch
-        # (about 40 min on two cores with --jobs 2; run it with its own --out folder)
+        # (about an hour on two cores with --jobs 2; run it with its own --out folder)
         "cpu-curves": {**_CPU, "seeds": 1, "epochs": 5, "lrs": (5e-5, 1e-4), "curve_seeds": 1},
         # stage 2, confirmatory: 8 paired seeds, 4 epochs at lr 1e-4 (both from stage 1's validation), best
-        # epoch on validation; ID/OOD test once, at that epoch. About 2 h on two cores with --jobs 2
+        # epoch on validation; ID/OOD test once, at that epoch. 69 min measured on two cores with --jobs 2
         "cpu": _CPU,
         # the controls that say whether an emoe-official gain is routing or regularisation, at the same
         # size; dense, emoe and emoe-official rows of a finished cpu run are reused (same config hash)
@@ -418,8 +418,8 @@ _CPU = {"arms": ("dense", "emoe", "emoe-official"), "seeds": 8, "n_train": 3000,
                  "lora_lrs": (1e-3, 2e-3)},
     },
     plot=analysis.report,
-    # single-job CPU minutes from a measured 0.64 s training step (stage 1) and 5.5 ms per evaluated example
-    cpu_minutes={"quick": 4, "cpu-curves": 61, "cpu": 230, "cpu-controls": 385},
+    # single-job CPU minutes: cpu-curves and cpu measured (the runs' wall_s), cpu-controls scaled from cpu
+    cpu_minutes={"quick": 4, "cpu-curves": 95, "cpu": 132, "cpu-controls": 220},
 )
 def emoe_wordnet(cfg: EMoEWordnetConfig, arm: str, seed: int, ctx) -> dict:
     runs = _arm_runs(cfg, arm, seed, ctx)

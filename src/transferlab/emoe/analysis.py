@@ -156,9 +156,9 @@ def _plot_curves(out_dir: Path, config_hash: str, arms, lrs: dict, seeds) -> Pat
             n_seeds = max(n_seeds, len(hists))
             curves[arm] = {m: [sum(h[e][m] for h in hists) / len(hists) if all(m in h[e] for h in hists) else None
                                for e in range(min(map(len, hists)))] for m in ("val_acc", "id_acc", "ood_acc")}
-    panels = [(m, t) for m, t in (("val_acc", "validation (selects the epoch)"), ("id_acc", "ID test (recorded, not used)"),
-                                  ("ood_acc", "OOD test (recorded, not used)"))
-              if any(sum(v is not None for v in c[m]) >= 2 for c in curves.values())]
+    titles = (("val_acc", "validation (selects the epoch)"), ("id_acc", "ID test (recorded, not used)"),
+              ("ood_acc", "OOD test (recorded, not used)"))
+    panels = [(m, t) for m, t in titles if any(sum(v is not None for v in c[m]) >= 2 for c in curves.values())]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 0.2, 3.6), squeeze=False)
@@ -256,6 +256,6 @@ def report(rows: list[dict], cfg: EMoEWordnetConfig, out_dir) -> Figures:
     if seeds < 5:
         notes.append(f"{seeds} seed(s): too few to resolve effects of the size the paper reports (+0.6 to +0.9); "
                      "see docs/emoe.md for the multi-seed run.")
-    paths = [p for p in (_plot_curves(out_dir, h, cfg.arms, lrs, sorted({r["seed"] for r in rows})), _plot_usage(out_dir, h, cfg.arms, lrs))
-             if p is not None]
+    curve_plot = _plot_curves(out_dir, h, cfg.arms, lrs, sorted({r["seed"] for r in rows}))
+    paths = [p for p in (curve_plot, _plot_usage(out_dir, h, cfg.arms, lrs)) if p is not None]
     return Figures(paths, "\n".join(notes) + "\n")

@@ -149,9 +149,9 @@ def _plot_curves(out_dir: Path, config_hash: str, arms, lrs: dict, seeds) -> Pat
     import matplotlib.pyplot as plt
 
     curves, n_seeds = {}, 0
-    for arm in arms:
-        hists = [d[format(lrs[arm], "g")]["history"] for s in seeds
-                 if arm in lrs and (d := _details(out_dir, config_hash, arm, s)) and format(lrs[arm], "g") in d]
+    for arm in (a for a in arms if a in lrs):
+        key = format(lrs[arm], "g")
+        hists = [d[key]["history"] for s in seeds if (d := _details(out_dir, config_hash, arm, s)) and key in d]
         if hists:
             n_seeds = max(n_seeds, len(hists))
             curves[arm] = {m: [sum(h[e][m] for h in hists) / len(hists) if all(m in h[e] for h in hists) else None
@@ -161,13 +161,14 @@ def _plot_curves(out_dir: Path, config_hash: str, arms, lrs: dict, seeds) -> Pat
     panels = [(m, t) for m, t in titles if any(sum(v is not None for v in c[m]) >= 2 for c in curves.values())]
     if not panels:
         return None
+    epochs = range(1, max(len(c["val_acc"]) for c in curves.values()) + 1)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 0.2, 3.6), squeeze=False)
     axes = axes[0]
     for ax, (metric, title) in zip(axes, panels):
         for arm, c in curves.items():
             pts = [(e + 1, v) for e, v in enumerate(c[metric]) if v is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{arm} (lr {format(lrs[arm], 'g')})")
-        ax.set_xticks(range(1, max(len(c["val_acc"]) for c in curves.values()) + 1))
+        ax.set_xticks(epochs)
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy %")
         ax.set_title(title)

@@ -378,8 +378,8 @@ CPU = {"seeds": 5, "held_out": (0, 3, 5), "n_train": 1500, "n_val": 256, "n_vald
        **_method(student_epochs=12, expert_epochs=12, patience=2, aggregator_epochs=3, meta_epochs=3,
                  episodes_per_epoch=150)}
 FULL = {"seeds": 5}
-# measured process CPU time, one thread (docs/metadmoe.md): quick 71 s; cpu ~670 s per (seed, fold) over all arms
-CPU_MINUTES = {"quick": 1.2, "cpu": 170}
+# measured job-minutes, one thread per job (docs/metadmoe.md): quick 71 s; cpu 78 (corrupted) and 101 (rotated)
+CPU_MINUTES = {"quick": 1.2, "cpu": 100}
 PROFILES = {"tiny": TINY, "quick": QUICK, "cpu": CPU, "full": FULL}
 
 

@@ -217,3 +217,19 @@ def test_notes_carry_a_guidance_2_table_with_paired_differences(tmp_path):
     assert "**Guidance 2**" in notes
     lora = next(line for line in notes.splitlines() if line.startswith("| lora |"))
     assert lora.split(" | ")[1:4] == ["3", "15.00 ± 2.48", "90.00 ± 0.00"] and "4.00 ± 0.00" in lora
+
+
+def test_contrast_table_gives_direction_by_metric_and_mde_for_nulls():
+    from transferlab.kind.plots import contrast_table
+
+    # kind's FMNIST-FID is 10 lower than lora's on every seed (better: lower is better), its class accuracy
+    # the same up to noise (a null), and no gated_lora rows (its contrasts are left out)
+    rows = [{"arm": a, "seed": s,
+             "metrics": {"fmnist_fid": fid + s, "class_acc": 50.0 + (s % 2) * (1 if a == "kind" else -1)}}
+            for a, fid in (("kind", 40.0), ("lora", 50.0), ("full_finetune", 35.0)) for s in range(4)]
+    table = contrast_table(rows)
+    lines = {line.split(" | ")[0][2:]: line for line in table if line.startswith("| kind")}
+    assert set(lines) == {"kind − full_finetune", "kind − lora"}
+    assert "-10.0 ± 0.0 better" in lines["kind − lora"] and "5.0 ± 0.0 worse" in lines["kind − full_finetune"]
+    assert "n.d. (MDE" in lines["kind − lora"].split(" | ")[2]
+    assert table[3].startswith("| a − b | fmnist_fid | class_acc |") and "heldout_mse" not in table[3]
